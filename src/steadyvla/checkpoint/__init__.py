@@ -1,0 +1,1 @@
+"""Checkpoints: atomic, verified, resumable (layout, manifest, manager, async writer)."""

@@ -1,0 +1,125 @@
+"""`steadyvla <verb>`: finetune, data (demo|inspect|stats), ckpt (ls|verify), doctor.
+
+Every user error ends with one `error:` line naming the field, the value and what would be valid,
+and exit status 2; nothing on disk is touched before the config and resume target are checked.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from steadyvla.checkpoint.manager import CheckpointError
+from steadyvla.config import ConfigError, load_config, parse_overrides
+
+EXIT_USAGE = 2
+VERBS_WITH_OVERRIDES = ("finetune", "doctor")
+
+
+def _config_from(args: argparse.Namespace, extra: list[str]):
+    return load_config(args.config, parse_overrides(extra))
+
+
+def cmd_finetune(args: argparse.Namespace, extra: list[str]) -> int:
+    from steadyvla.train.finetune import finetune
+
+    cfg = _config_from(args, extra)
+    if cfg.method_enabled:
+        from steadyvla.method.setup import method_hooks
+
+        finetune(cfg, hooks=method_hooks(cfg))
+    else:
+        finetune(cfg)
+    return 0
+
+
+def cmd_doctor(args: argparse.Namespace, extra: list[str]) -> int:
+    from steadyvla.doctor import run_doctor
+
+    return run_doctor(_config_from(args, extra))
+
+
+def cmd_data(args: argparse.Namespace, extra: list[str]) -> int:
+    if args.data_verb == "demo":
+        from steadyvla.data.demo_metaworld import DEMO_TASKS, generate_demo_dataset
+
+        tasks = args.tasks.split(",") if args.tasks else None
+        unknown = [t for t in tasks or [] if t not in DEMO_TASKS]
+        if unknown:
+            raise ConfigError(f"--tasks: {unknown} not among {', '.join(DEMO_TASKS)}")
+        out = generate_demo_dataset(Path(args.out), tasks=tasks, episodes_per_task=args.episodes_per_task,
+                                    image_size=args.image_size, seed=args.seed)
+        print(f"wrote LeRobot v3.0 dataset {out}")
+        return 0
+    from steadyvla.data.registry import describe_dataset, open_frame_source
+
+    path = Path(args.path)
+    source = open_frame_source(path.parent, path.name)
+    if args.data_verb == "inspect":
+        print(describe_dataset(source))
+        return 0
+    from steadyvla.data.stats import compute_action_statistics, write_dataset_statistics
+
+    out = Path(args.out) if args.out else Path("dataset_statistics.json")
+    stats = {source.name: compute_action_statistics(source.actions(), num_trajectories=source.num_episodes)}
+    write_dataset_statistics(out, stats)
+    print(f"wrote {out} ({stats[source.name]['num_transitions']} transitions)")
+    return 0
+
+
+def cmd_ckpt(args: argparse.Namespace, extra: list[str]) -> int:
+    from steadyvla.checkpoint.report import ckpt_ls, ckpt_verify
+
+    run_dir = Path(args.run_dir)
+    return ckpt_ls(run_dir) if args.ckpt_verb == "ls" else ckpt_verify(run_dir)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="steadyvla", description=__doc__.splitlines()[0])
+    verbs = parser.add_subparsers(dest="verb", required=True)
+    for name, helptext in (("finetune", "LoRA fine-tuning (baseline or method); resumes automatically"),
+                           ("doctor", "pre-resume checklist: what would resume, is it complete, does the config match")):
+        p = verbs.add_parser(name, help=helptext, description=f"{helptext}. Any config key can be overridden with "
+                             "`--key value` (values read as YAML: true, false, null, numbers).")
+        p.add_argument("--config", required=True, help="YAML config with flat keys (see configs/)")
+    data = verbs.add_parser("data", help="datasets: generate the demo, inspect, write statistics")
+    data_verbs = data.add_subparsers(dest="data_verb", required=True)
+    demo = data_verbs.add_parser("demo", help="roll out MetaWorld scripted experts into a LeRobot v3.0 dataset")
+    demo.add_argument("--out", required=True, help="dataset directory to create")
+    demo.add_argument("--tasks", default=None, help="comma-separated MetaWorld v3 task names (default: all demo tasks)")
+    demo.add_argument("--episodes-per-task", type=int, default=4)
+    demo.add_argument("--image-size", type=int, default=224)
+    demo.add_argument("--seed", type=int, default=0)
+    inspect = data_verbs.add_parser("inspect", help="episodes, frames, features, instructions, action statistics")
+    inspect.add_argument("path", help="dataset directory (LeRobot v3 root or RLDS builder dir)")
+    stats = data_verbs.add_parser("stats", help="write dataset_statistics.json (q01/q99 etc.) for a dataset")
+    stats.add_argument("path", help="dataset directory")
+    stats.add_argument("--out", default=None, help="output file (default ./dataset_statistics.json)")
+    ckpt = verbs.add_parser("ckpt", help="list or verify a run's checkpoints")
+    ckpt_verbs = ckpt.add_subparsers(dest="ckpt_verb", required=True)
+    for name in ("ls", "verify"):
+        p = ckpt_verbs.add_parser(name, help=f"{name} the checkpoints of RUN_DIR")
+        p.add_argument("run_dir", help="<run_root_dir>/<run_id>")
+    return parser
+
+
+COMMANDS = {"finetune": cmd_finetune, "doctor": cmd_doctor, "data": cmd_data, "ckpt": cmd_ckpt}
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Console entry point."""
+    argv = sys.argv[1:] if argv is None else argv
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    if extra and args.verb not in VERBS_WITH_OVERRIDES:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    try:
+        return COMMANDS[args.verb](args, extra)
+    except (ConfigError, CheckpointError, FileNotFoundError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return EXIT_USAGE
+
+
+if __name__ == "__main__":
+    sys.exit(main())

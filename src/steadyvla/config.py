@@ -1,0 +1,303 @@
+"""Flat run configuration: YAML file + `--key value` CLI overrides, validated with field-named errors.
+
+Keys keep the names of the users' existing OpenVLA YAML (DESIGN.md §4) so their configs load
+unchanged; keys that only steered their old environment are accepted as documented no-ops.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import hashlib
+import json
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any, get_args, get_origin, get_type_hints
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A config key or value is invalid; the message names the field, the value and what is valid."""
+
+
+# Keys the users' old environment needed and steadyvla does not: accepted, ignored, documented.
+NO_OP_KEYS: dict[str, str] = {
+    "server_profile": "machine profile of the old cluster scripts; steadyvla detects the machine",
+    "rlds_read_threads": "TensorFlow RLDS reader threads; steadyvla's readers use DataLoader workers",
+    "rlds_transform_threads": "TensorFlow RLDS transform threads; see `num_workers`",
+    "cache_dir": "HF hub cache; steadyvla loads weights from local directories only",
+    "use_wandb": "W&B logging is not built in; metrics go to metrics.jsonl and TensorBoard",
+    "wandb_project": "see use_wandb",
+    "wandb_entity": "see use_wandb",
+    "adapter_tmp_dir": "adapters are saved inside the run dir's checkpoints/; merged copies go to `merge`",
+}
+
+# Fields whose change would make a resumed run a different run (DESIGN.md §5, issue 3).
+RESUME_CRITICAL_FIELDS: tuple[str, ...] = (
+    "model_preset",
+    "vla_path",
+    "use_lora",
+    "lora_rank",
+    "lora_alpha",
+    "lora_dropout",
+    "lora_target_modules",
+    "batch_size",
+    "grad_accumulation_steps",
+    "data_root_dir",
+    "dataset_name",
+    "image_aug",
+    "seed",
+    "learning_rate",
+    "lr_scheduler",
+    "lr_warmup_steps",
+    "min_learning_rate",
+    "weight_decay",
+    "method_enabled",
+)
+
+CHOICES: dict[str, tuple[str, ...]] = {
+    "lr_scheduler": ("none", "cosine"),
+    "model_preset": ("tiny", "openvla-7b"),
+    "dtype": ("float32", "bfloat16"),
+}
+
+
+@dataclass
+class RunConfig:
+    """Every setting of a run. Field docs are the user-facing documentation of each key."""
+
+    # --- model
+    model_preset: str = "tiny"  # tiny | openvla-7b
+    vla_path: str | None = None  # local HF dir with OpenVLA weights; None = random init of the preset
+    dtype: str = "float32"  # parameter/compute dtype for training
+    # --- data
+    data_root_dir: str = "demo_data"
+    dataset_name: str = "metaworld_demo"
+    image_key: str | None = None  # dataset image feature; None = the first one
+    image_aug: bool = False
+    num_workers: int = 0
+    shuffle_buffer_size: int | None = None  # old RLDS knob; sampling is index-based, no buffer
+    demo_episodes_per_task: int = 4  # used only when the demo dataset must be generated
+    demo_image_size: int = 224
+    # --- run layout
+    run_root_dir: str = "runs"
+    run_id: str | None = None  # None = derived from the config (stable, so re-running resumes)
+    run_id_note: str | None = None
+    # --- optimisation
+    batch_size: int = 8
+    grad_accumulation_steps: int = 1
+    max_steps: int = 100
+    learning_rate: float = 5e-4
+    min_learning_rate: float = 0.0
+    lr_scheduler: str = "none"
+    lr_warmup_steps: int = 0
+    weight_decay: float = 0.0
+    max_grad_norm: float | None = 1.0
+    seed: int = 7
+    # --- LoRA
+    use_lora: bool = True
+    lora_rank: int = 32
+    lora_alpha: int | None = None  # None = min(lora_rank, 16), as OpenVLA's finetune.py
+    lora_dropout: float = 0.0
+    lora_target_modules: str = "all-linear"
+    merge_lora_during_training: bool = False
+    # --- logging and checkpoints
+    log_every_steps: int = 1
+    save_steps: int = 50
+    save_latest_checkpoint_only: bool = False
+    keep_last_k: int | None = None
+    async_save: bool = True
+    progress_bar: bool = True
+    # --- resume (users' keys + `resume`)
+    resume: str = "auto"  # auto | never | <checkpoint or run dir>
+    resume_adapter_dir: str | None = None
+    resume_global_step: int | None = None
+    resume_step_override: bool = False
+    resume_full_model_dir: str | None = None
+    # --- full training (FSDP/DDP; `steadyvla train`)
+    pretrained_checkpoint: str | None = None
+    is_resume: bool = False
+    resume_step: int | None = None
+    resume_epoch: int | None = None
+    save_interval: int | None = None
+    # --- method (ICSM + HSW + Thermostat)
+    method_enabled: bool = False
+    icms_artifact_dir: str | None = None
+    hsw_layer_ids: list[int] | None = None
+    hsw_beta: float = 1.0
+    hsw_gamma: float = 1.0
+    hsw_eps: float = 1e-6
+    prompt_template: str | None = None
+    probe_dataset_name: str | None = None
+    probe_batch_size: int = 4
+    thermostat_update_interval: int = 50
+    thermostat_warmup_steps: int = 20
+    thermostat_min_beta: float = 0.1
+    thermostat_max_beta: float = 1.0
+    thermostat_min_gamma: float = 0.0
+    thermostat_max_gamma: float = 1.0
+    thermostat_k_beta: float = 1.0
+    thermostat_k_gamma: float = 2.0
+    thermostat_base_scale: float = 1.0
+    # --- evaluation
+    enable_periodic_eval: bool = False
+    eval_every_steps: int = 100
+    early_stopping_patience: int | None = None
+    early_stopping_min_delta: float = 0.0
+    # accepted no-op keys land here so config.yaml records what the user wrote
+    ignored_keys: dict[str, Any] = field(default_factory=dict)
+
+    def digest(self) -> str:
+        """sha256 of the resume-critical fields: equal digests mean a resume is safe."""
+        critical = {k: getattr(self, k) for k in RESUME_CRITICAL_FIELDS}
+        return hashlib.sha256(json.dumps(critical, sort_keys=True).encode()).hexdigest()
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain dict of every field (what config.yaml stores)."""
+        return dataclasses.asdict(self)
+
+    @property
+    def effective_lora_alpha(self) -> int:
+        return self.lora_alpha if self.lora_alpha is not None else min(self.lora_rank, 16)
+
+
+def known_keys() -> list[str]:
+    return [f.name for f in fields(RunConfig) if f.name != "ignored_keys"]
+
+
+def _closest(key: str) -> str:
+    match = difflib.get_close_matches(key, known_keys() + list(NO_OP_KEYS), n=1, cutoff=0.0)
+    return match[0] if match else "?"
+
+
+def _coerce(name: str, value: Any, annotation: Any) -> Any:
+    """Convert `value` to the field's type or raise ConfigError naming field, value and valid type."""
+    args = [a for a in get_args(annotation) if a is not type(None)]
+    optional = type(None) in get_args(annotation)
+    if value is None:
+        if optional:
+            return None
+        raise ConfigError(f"config field `{name}`: null is not allowed; expected {_type_name(annotation)}")
+    target = args[0] if args and get_origin(annotation) is not list else annotation
+    if get_origin(target) is list:
+        if isinstance(value, (int, str)) and not isinstance(value, bool):
+            value = [int(v) for v in str(value).split(",")] if isinstance(value, str) else [value]
+        if not isinstance(value, list) or not all(isinstance(v, int) and not isinstance(v, bool) for v in value):
+            raise ConfigError(f"config field `{name}`: {value!r} is not a list of integers (e.g. [28, 31] or 28,31)")
+        return value
+    if target is bool:
+        if isinstance(value, bool):
+            return value
+        raise ConfigError(f"config field `{name}`: {value!r} is not a boolean; use true or false")
+    if target is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        raise ConfigError(f"config field `{name}`: {value!r} is not an integer")
+    if target is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):  # YAML 1.1 reads `3e-4` (no dot) as a string
+            try:
+                return float(value)
+            except ValueError:
+                pass
+        raise ConfigError(f"config field `{name}`: {value!r} is not a number")
+    if target is str:
+        if isinstance(value, (str, int, float)) and not isinstance(value, bool):
+            return str(value)
+        raise ConfigError(f"config field `{name}`: {value!r} is not a string")
+    return value
+
+
+def _type_name(annotation: Any) -> str:
+    return getattr(annotation, "__name__", str(annotation))
+
+
+def _validate(cfg: RunConfig) -> None:
+    for key, allowed in CHOICES.items():
+        value = getattr(cfg, key)
+        if value not in allowed:
+            raise ConfigError(f"config field `{key}`: {value!r} is not one of {', '.join(allowed)}")
+    positive = ("batch_size", "grad_accumulation_steps", "max_steps", "save_steps", "lora_rank",
+                "log_every_steps", "probe_batch_size", "thermostat_update_interval")
+    for key in positive:
+        if getattr(cfg, key) < 1:
+            raise ConfigError(f"config field `{key}`: {getattr(cfg, key)} must be >= 1")
+    for key in ("lr_warmup_steps", "num_workers", "thermostat_warmup_steps", "demo_episodes_per_task"):
+        if getattr(cfg, key) < 0:
+            raise ConfigError(f"config field `{key}`: {getattr(cfg, key)} must be >= 0")
+    if not 0.0 <= cfg.lora_dropout < 1.0:
+        raise ConfigError(f"config field `lora_dropout`: {cfg.lora_dropout} must be in [0, 1)")
+    if cfg.learning_rate <= 0:
+        raise ConfigError(f"config field `learning_rate`: {cfg.learning_rate} must be > 0")
+    if not 0 <= cfg.min_learning_rate <= cfg.learning_rate:
+        raise ConfigError(
+            f"config field `min_learning_rate`: {cfg.min_learning_rate} must be in [0, learning_rate={cfg.learning_rate}]"
+        )
+    if cfg.keep_last_k is not None and cfg.keep_last_k < 1:
+        raise ConfigError(f"config field `keep_last_k`: {cfg.keep_last_k} must be >= 1 or null")
+    if cfg.resume_global_step is not None and cfg.resume_global_step < 0:
+        raise ConfigError(f"config field `resume_global_step`: {cfg.resume_global_step} must be >= 0 or null")
+    if cfg.resume not in ("auto", "never") and not cfg.resume.strip():
+        raise ConfigError("config field `resume`: empty; use auto, never or a checkpoint/run directory")
+
+
+def build_config(values: dict[str, Any]) -> RunConfig:
+    """Build a validated RunConfig from a flat dict (YAML contents merged with CLI overrides)."""
+    hints = get_type_hints(RunConfig)
+    kwargs: dict[str, Any] = {}
+    ignored: dict[str, Any] = {}
+    for key, value in values.items():
+        if key in NO_OP_KEYS:
+            ignored[key] = value
+            continue
+        if key not in hints or key == "ignored_keys":
+            raise ConfigError(f"unknown config key `{key}`; did you mean `{_closest(key)}`?")
+        kwargs[key] = _coerce(key, value, hints[key])
+    cfg = RunConfig(**kwargs, ignored_keys=ignored)
+    _validate(cfg)
+    return cfg
+
+
+def parse_overrides(argv: list[str]) -> dict[str, Any]:
+    """`--key value` pairs → dict; values read as YAML scalars (true, false, null, numbers)."""
+    out: dict[str, Any] = {}
+    i = 0
+    while i < len(argv):
+        token = argv[i]
+        if not token.startswith("--"):
+            raise ConfigError(f"unexpected argument {token!r}; overrides are written `--key value`")
+        key = token[2:].replace("-", "_")
+        if "=" in key:
+            key, raw = key.split("=", 1)
+            i += 1
+        else:
+            if i + 1 >= len(argv):
+                raise ConfigError(f"override `--{key}` has no value; write `--{key} VALUE`")
+            raw = argv[i + 1]
+            i += 2
+        out[key] = yaml.safe_load(raw) if raw != "" else ""
+    return out
+
+
+def load_config(path: str | Path | None, overrides: dict[str, Any] | None = None) -> RunConfig:
+    """Read a YAML config (flat mapping), apply overrides, validate."""
+    values: dict[str, Any] = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"--config {path}: file not found")
+        loaded = yaml.safe_load(path.read_text()) or {}
+        if not isinstance(loaded, dict):
+            raise ConfigError(f"--config {path}: expected a mapping of `key: value`, got {type(loaded).__name__}")
+        values.update(loaded)
+    values.update(overrides or {})
+    return build_config(values)
+
+
+def dump_config(cfg: RunConfig) -> str:
+    """YAML text of the resolved config (stable key order = field order)."""
+    return yaml.safe_dump(cfg.to_dict(), sort_keys=False)

@@ -1,0 +1,70 @@
+"""Build the tokenizer, the VLA and its LoRA wrapper from a RunConfig."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from peft import LoraConfig, PeftModel, get_peft_model
+from transformers import AutoTokenizer
+
+from steadyvla.config import ConfigError, RunConfig
+from steadyvla.model.action_tokenizer import ActionTokenizer
+from steadyvla.model.presets import get_preset, tiny_tokenizer_dir
+from steadyvla.model.vla import VLA
+
+# The LM head stays frozen, as in OpenVLA's "all-linear" LoRA (PEFT only skips it for HF models).
+LORA_EXCLUDED_MODULES = ["language_model.lm_head"]
+
+
+def load_tokenizer(cfg: RunConfig):
+    """Tokenizer from `vla_path` (a real OpenVLA dir) or the one shipped for the tiny preset."""
+    if cfg.vla_path:
+        path = Path(cfg.vla_path)
+        if not path.is_dir():
+            raise ConfigError(f"config field `vla_path`: {cfg.vla_path!r} is not a directory")
+        tok = AutoTokenizer.from_pretrained(str(path))
+    elif cfg.model_preset == "tiny":
+        tok = AutoTokenizer.from_pretrained(str(tiny_tokenizer_dir()))
+    else:
+        raise ConfigError(
+            f"config field `vla_path`: required for model_preset {cfg.model_preset!r} (a local OpenVLA directory "
+            "holding the tokenizer files); only `tiny` ships its own tokenizer"
+        )
+    if tok.pad_token_id is None:
+        tok.add_special_tokens({"pad_token": "<PAD>"})
+    return tok
+
+
+def action_tokenizer_for(tokenizer) -> ActionTokenizer:
+    """Action bins on the last 256 ids before <PAD> (tokenizer.vocab_size: 32000 for Llama-2)."""
+    return ActionTokenizer(vocab_end=int(tokenizer.vocab_size))
+
+
+def build_vla(cfg: RunConfig, tokenizer) -> VLA:
+    """The VLA with deterministic random init from `cfg.seed` (weights from vla_path come later)."""
+    torch.manual_seed(cfg.seed)
+    model = VLA(get_preset(cfg.model_preset), vocab_size=len(tokenizer), pad_token_id=int(tokenizer.pad_token_id))
+    return model.to(dtype=getattr(torch, cfg.dtype))
+
+
+def _target_modules(spec: str) -> str | list[str]:
+    return spec if spec == "all-linear" else [name.strip() for name in spec.split(",") if name.strip()]
+
+
+def lora_config(cfg: RunConfig) -> LoraConfig:
+    """PEFT LoRA on every linear layer except the LM head, Gaussian init (as OpenVLA)."""
+    return LoraConfig(
+        r=cfg.lora_rank,
+        lora_alpha=cfg.effective_lora_alpha,
+        lora_dropout=cfg.lora_dropout,
+        target_modules=_target_modules(cfg.lora_target_modules),
+        exclude_modules=LORA_EXCLUDED_MODULES,
+        init_lora_weights="gaussian",
+    )
+
+
+def wrap_lora(model: VLA, cfg: RunConfig) -> PeftModel:
+    """Freeze the base model and attach LoRA adapters (init draws from the seeded torch RNG)."""
+    torch.manual_seed(cfg.seed + 1)
+    return get_peft_model(model, lora_config(cfg))

@@ -1,0 +1,84 @@
+"""Model presets: `tiny` for CPU tests and the demo, `openvla-7b` for the real shape."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+
+from transformers import LlamaConfig
+
+# Per-tower image normalisation (OpenVLA's DINOv2 values are the bf16-rounded ImageNet stats).
+DINOV2_MEAN = (0.484375, 0.455078125, 0.40625)
+DINOV2_STD = (0.228515625, 0.2236328125, 0.224609375)
+SIGLIP_MEAN = (0.5, 0.5, 0.5)
+SIGLIP_STD = (0.5, 0.5, 0.5)
+
+
+@dataclass(frozen=True)
+class TowerSpec:
+    """One timm vision tower: model id, constructor overrides and its image normalisation."""
+
+    timm_id: str
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+    overrides: dict = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class VLAPreset:
+    """Everything needed to build a VLA of one shape with random weights."""
+
+    name: str
+    image_size: int
+    towers: tuple[TowerSpec, ...]  # 1 = single tower, 2 = fused (DINOv2 + SigLIP)
+    llm: dict  # LlamaConfig kwargs (vocab_size is set from the tokenizer)
+    pad_to_multiple_of: int = 64
+
+    def llm_config(self, vocab_size: int, pad_token_id: int) -> LlamaConfig:
+        """LlamaConfig with the vocabulary padded to a multiple of `pad_to_multiple_of`."""
+        m = self.pad_to_multiple_of
+        padded = ((vocab_size + m - 1) // m) * m
+        return LlamaConfig(**self.llm, vocab_size=padded, pad_token_id=pad_token_id)
+
+
+def tiny_tokenizer_dir() -> Path:
+    """Directory of the tokenizer shipped for the tiny preset."""
+    return Path(str(resources.files("steadyvla") / "assets" / "tiny-tokenizer"))
+
+
+_TINY_VIT = dict(img_size=56, depth=3, embed_dim=48, num_heads=2, mlp_ratio=2.0)
+
+PRESETS: dict[str, VLAPreset] = {
+    "tiny": VLAPreset(
+        name="tiny",
+        image_size=56,
+        towers=(
+            TowerSpec("vit_small_patch14_reg4_dinov2", DINOV2_MEAN, DINOV2_STD, _TINY_VIT),
+            TowerSpec("vit_so400m_patch14_siglip_224", SIGLIP_MEAN, SIGLIP_STD, _TINY_VIT),
+        ),
+        llm=dict(
+            hidden_size=96, intermediate_size=192, num_hidden_layers=4, num_attention_heads=4,
+            num_key_value_heads=4, max_position_embeddings=256, rms_norm_eps=1e-6,
+        ),
+    ),
+    "openvla-7b": VLAPreset(
+        name="openvla-7b",
+        image_size=224,
+        towers=(
+            TowerSpec("vit_large_patch14_reg4_dinov2", DINOV2_MEAN, DINOV2_STD, dict(img_size=224)),
+            TowerSpec("vit_so400m_patch14_siglip_224", SIGLIP_MEAN, SIGLIP_STD, dict(img_size=224)),
+        ),
+        llm=dict(
+            hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32,
+            num_key_value_heads=32, max_position_embeddings=2048, rms_norm_eps=1e-6,
+        ),
+    ),
+}
+
+
+def get_preset(name: str) -> VLAPreset:
+    """Look a preset up by name; unknown names are an error listing the valid ones."""
+    if name not in PRESETS:
+        raise ValueError(f"model_preset {name!r} is not one of {', '.join(PRESETS)}")
+    return PRESETS[name]

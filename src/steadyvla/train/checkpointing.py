@@ -1,0 +1,152 @@
+"""Glue between the live training objects and the checkpoint package.
+
+A save snapshots everything to CPU at an optimizer-step boundary (the only blocking part), then
+writes adapter, optimizer/RNG tensors and JSON state into an atomic, manifest-verified checkpoint
+on a background thread. Loading puts every piece back so the next step is the uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+from peft import PeftModel, get_peft_model_state_dict, set_peft_model_state_dict
+from safetensors.torch import load_file, save_file
+
+from steadyvla.checkpoint.async_writer import AsyncCheckpointWriter
+from steadyvla.checkpoint.layout import ADAPTER_CONFIG, ADAPTER_WEIGHTS, TRAINER_STATE_JSON, TRAINER_STATE_TENSORS
+from steadyvla.checkpoint.manager import CheckpointManager
+from steadyvla.checkpoint.state import (
+    restore_optimizer, restore_rng, select_prefix, snapshot_optimizer, snapshot_rng, snapshot_tensors,
+)
+from steadyvla.config import RunConfig
+from steadyvla.data.sampler import DataPosition
+from steadyvla.faults import fault_point
+from steadyvla.train.hooks import TrainHook
+from steadyvla.versions import library_versions
+
+STATE_FORMAT_VERSION = 1
+METHOD_PREFIX = "method"
+
+
+@dataclass
+class TrainState:
+    """Everything that changes while training and must survive a restart."""
+
+    model: PeftModel
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    data_position: DataPosition
+    global_step: int = 0
+    metrics_state: dict[str, Any] = field(default_factory=dict)
+    hooks: list[TrainHook] = field(default_factory=list)
+
+
+@dataclass
+class Snapshot:
+    """CPU copies taken synchronously; writing them needs no live object."""
+
+    step: int
+    adapter: dict[str, torch.Tensor]
+    adapter_config: Any
+    tensors: dict[str, torch.Tensor]
+    meta: dict[str, Any]
+
+
+def take_snapshot(state: TrainState, cfg: RunConfig, *, rank: int = 0, world_size: int = 1) -> Snapshot:
+    """Copy all state to CPU (blocking part of a save)."""
+    adapter = {k: v.detach().to("cpu", copy=True).contiguous() for k, v in get_peft_model_state_dict(state.model, save_embedding_layers=False).items()}
+    optim_tensors, optim_meta = snapshot_optimizer(state.optimizer)
+    rng_tensors, rng_meta = snapshot_rng(rank)
+    tensors = {**optim_tensors, **rng_tensors}
+    method_meta: dict[str, Any] = {}
+    for hook in state.hooks:
+        hook_tensors, hook_meta = hook.state_dict()
+        tensors.update(snapshot_tensors(f"{METHOD_PREFIX}.{hook.name}", hook_tensors))
+        method_meta[hook.name] = hook_meta
+    meta = {
+        "format_version": STATE_FORMAT_VERSION,
+        "global_step": state.global_step,
+        "epoch": state.data_position.epoch,
+        "micro_step": 0,  # saves happen only at optimizer-step boundaries
+        "data_position": state.data_position.to_dict(),
+        "scheduler": state.scheduler.state_dict(),
+        "optimizer": optim_meta,
+        "rng": {f"rank{rank}": rng_meta},
+        "metrics": state.metrics_state,
+        "method": method_meta,
+        "world_size": world_size,
+        "config_digest": cfg.digest(),
+        "config": cfg.to_dict(),
+        "versions": library_versions(),
+    }
+    adapter_config = copy.deepcopy(state.model.peft_config["default"])
+    return Snapshot(state.global_step, adapter, adapter_config, tensors, meta)
+
+
+def write_snapshot(snapshot: Snapshot, ckpt_dir: Path) -> None:
+    """Write a snapshot's files into `ckpt_dir` (PEFT adapter layout + trainer state)."""
+    snapshot.adapter_config.inference_mode = True
+    snapshot.adapter_config.save_pretrained(str(ckpt_dir))
+    save_file(snapshot.adapter, str(ckpt_dir / ADAPTER_WEIGHTS), metadata={"format": "pt"})
+    fault_point("mid_save", snapshot.step)
+    save_file(snapshot.tensors, str(ckpt_dir / TRAINER_STATE_TENSORS), metadata={"format": "pt"})
+    (ckpt_dir / TRAINER_STATE_JSON).write_text(json.dumps(snapshot.meta, indent=1))
+    if not (ckpt_dir / ADAPTER_CONFIG).exists():
+        raise RuntimeError(f"PEFT did not write {ADAPTER_CONFIG} into {ckpt_dir}")
+
+
+def load_into(state: TrainState, ckpt_dir: Path, *, rank: int = 0) -> dict[str, Any]:
+    """Restore adapter, optimizer, scheduler, RNG, data position and hook state from `ckpt_dir`.
+
+    Returns the stored JSON state (metrics state etc.)."""
+    meta = json.loads((ckpt_dir / TRAINER_STATE_JSON).read_text())
+    adapter = load_file(str(ckpt_dir / ADAPTER_WEIGHTS))
+    result = set_peft_model_state_dict(state.model, adapter)
+    if getattr(result, "unexpected_keys", None):
+        raise RuntimeError(f"{ckpt_dir / ADAPTER_WEIGHTS}: keys the model does not have: {result.unexpected_keys[:5]}")
+    tensors = load_file(str(ckpt_dir / TRAINER_STATE_TENSORS))
+    restore_optimizer(state.optimizer, tensors, meta["optimizer"])
+    state.scheduler.load_state_dict(meta["scheduler"])
+    rng_meta = meta["rng"].get(f"rank{rank}") or next(iter(meta["rng"].values()))
+    restore_rng(rank, tensors, rng_meta)
+    for hook in state.hooks:
+        hook.load_state_dict(select_prefix(tensors, f"{METHOD_PREFIX}.{hook.name}"), meta["method"].get(hook.name, {}))
+    state.global_step = int(meta["global_step"])
+    state.data_position = DataPosition.from_dict(meta["data_position"])
+    state.metrics_state = meta.get("metrics", {})
+    return meta
+
+
+class TrainerCheckpointer:
+    """Saves TrainState checkpoints, one at a time, optionally in the background."""
+
+    def __init__(self, run_dir: Path, cfg: RunConfig, log: Callable[[str], None]):
+        self.cfg = cfg
+        self.manager = CheckpointManager(
+            run_dir, keep_last_k=cfg.keep_last_k, save_latest_only=cfg.save_latest_checkpoint_only, log=log
+        )
+        self.writer = AsyncCheckpointWriter()
+        self.log = log
+
+    def save(self, state: TrainState, *, blocking: bool = False) -> None:
+        """Snapshot now; write now (blocking) or on the background thread."""
+        snapshot = take_snapshot(state, self.cfg)
+
+        def write() -> Path:
+            return self.manager.save(snapshot.step, lambda d: write_snapshot(snapshot, d))
+
+        if blocking or not self.cfg.async_save:
+            self.writer.wait()
+            path = write()
+            self.log(f"saved checkpoint {path}")
+        else:
+            self.writer.submit(write)
+
+    def wait(self) -> None:
+        """Block until the save in flight (if any) is complete; re-raise its error."""
+        self.writer.wait()

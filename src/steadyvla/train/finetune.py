@@ -1,0 +1,133 @@
+"""`steadyvla finetune`: build everything from the config, resume if there is something to resume,
+and run the shared loop."""
+
+from __future__ import annotations
+
+import random
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader
+
+from steadyvla.checkpoint.layout import DATASET_STATISTICS
+from steadyvla.config import ConfigError, RunConfig
+from steadyvla.data.dataset import PaddedCollator, VLADataset
+from steadyvla.data.frames import FrameSource
+from steadyvla.data.sampler import DataPosition, ResumableBatchSampler
+from steadyvla.data.stats import compute_action_statistics, load_dataset_statistics, write_dataset_statistics
+from steadyvla.data.transforms import ImageTransform
+from steadyvla.model.build import action_tokenizer_for, build_vla, load_tokenizer, wrap_lora
+from steadyvla.model.presets import get_preset
+from steadyvla.model.prompt import PromptBuilder
+from steadyvla.train.checkpointing import TrainerCheckpointer, TrainState, load_into
+from steadyvla.train.hooks import TrainHook
+from steadyvla.train.loop import LoopResult, run_loop
+from steadyvla.train.metrics import MetricsLogger
+from steadyvla.train.optim import build_optimizer, build_scheduler
+from steadyvla.train.resume import ResumePlan, config_changes, plan_resume
+from steadyvla.train.run_dir import record_start, run_dir_for
+from steadyvla.train.signals import PreemptionFlag
+
+DEMO_DATASET_NAME = "metaworld_demo"
+
+
+def say(message: str) -> None:
+    """User-facing progress message."""
+    print(f"[steadyvla] {message}", flush=True)
+
+
+def open_training_data(cfg: RunConfig, log: Callable[[str], None] = say) -> FrameSource:
+    """The dataset at data_root_dir/dataset_name; the MetaWorld demo is generated on first use."""
+    from steadyvla.data.registry import open_frame_source
+
+    root = Path(cfg.data_root_dir) / cfg.dataset_name
+    if not root.exists():
+        if cfg.dataset_name != DEMO_DATASET_NAME:
+            raise ConfigError(
+                f"config fields `data_root_dir`/`dataset_name`: {root} does not exist (expected a LeRobot v3 "
+                f"dataset or an RLDS builder dir there; dataset_name {DEMO_DATASET_NAME!r} generates the demo)"
+            )
+        from steadyvla.data.demo_metaworld import ensure_demo_dataset
+
+        log(f"{root} is missing: generating the MetaWorld demo dataset once (cached for later runs)")
+        ensure_demo_dataset(root, episodes_per_task=cfg.demo_episodes_per_task, image_size=cfg.demo_image_size,
+                            seed=cfg.seed)
+    return open_frame_source(Path(cfg.data_root_dir), cfg.dataset_name, image_key=cfg.image_key)
+
+
+def action_statistics(cfg: RunConfig, source: FrameSource, run_dir: Path, resuming: bool) -> dict:
+    """Compute (fresh start) or reload (resume) the run's dataset_statistics.json; return action stats."""
+    path = run_dir / DATASET_STATISTICS
+    if resuming and path.exists():
+        stats = load_dataset_statistics(path)
+    else:
+        stats = {cfg.dataset_name: compute_action_statistics(source.actions(), num_trajectories=source.num_episodes)}
+        write_dataset_statistics(path, stats)
+    if cfg.dataset_name not in stats:
+        raise ConfigError(f"config field `dataset_name`: {cfg.dataset_name!r} not in {path} (has {list(stats)})")
+    return stats[cfg.dataset_name]["action"]
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def finetune(cfg: RunConfig, hooks: list[TrainHook] | None = None, log: Callable[[str], None] = say) -> LoopResult:
+    """Run (or continue) a LoRA fine-tuning run described by `cfg`."""
+    if not cfg.use_lora:
+        raise ConfigError("config field `use_lora`: false is full training; use `steadyvla train` for that")
+    run_dir = run_dir_for(cfg)
+    plan: ResumePlan = plan_resume(cfg, run_dir, log)  # may raise before anything is written
+    changes = config_changes(cfg, plan)
+    if plan.checkpoint is not None and plan.step >= cfg.max_steps:
+        log(f"run already complete: checkpoint step {plan.step} >= max_steps {cfg.max_steps}; nothing to do")
+        return LoopResult(plan.step, preempted=False)
+
+    seed_everything(cfg.seed)
+    source = open_training_data(cfg, log)
+    record_start(run_dir, cfg, resumed_from=str(plan.checkpoint) if plan.checkpoint else None,
+                 resumed_step=plan.step, changes=changes)
+    stats = action_statistics(cfg, source, run_dir, resuming=plan.checkpoint is not None)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+    tokenizer = load_tokenizer(cfg)
+    action_tokenizer = action_tokenizer_for(tokenizer)
+    model = wrap_lora(build_vla(cfg, tokenizer), cfg).to(device)
+    optimizer = build_optimizer(model, cfg)
+    scheduler = build_scheduler(optimizer, cfg)
+    state = TrainState(model, optimizer, scheduler, DataPosition(), hooks=list(hooks or []))
+    if plan.checkpoint is not None:
+        load_into(state, plan.checkpoint)
+        log(f"restored step {state.global_step}, epoch {state.data_position.epoch}, sample "
+            f"{state.data_position.position} of {len(source)}, lr {scheduler.get_last_lr()[0]:.3e}")
+    else:
+        trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+        total = sum(p.numel() for p in model.parameters())
+        log(f"fresh start in {run_dir}: {len(source)} frames, {source.num_episodes} episodes; "
+            f"LoRA r={cfg.lora_rank}: {trainable:,} trainable of {total:,} parameters")
+
+    dataset = VLADataset(source, PromptBuilder(tokenizer, cfg.prompt_template), action_tokenizer, stats,
+                         ImageTransform(get_preset(cfg.model_preset), cfg.image_aug, cfg.seed))
+    sampler = ResumableBatchSampler(len(dataset), cfg.batch_size, seed=cfg.seed, start=state.data_position)
+    loader = DataLoader(dataset, batch_sampler=sampler, num_workers=cfg.num_workers,
+                        collate_fn=PaddedCollator(int(tokenizer.pad_token_id)),
+                        pin_memory=device.type == "cuda", persistent_workers=cfg.num_workers > 0)
+    logger = MetricsLogger(run_dir, resume_step=state.global_step)
+    logger.load_state_dict(state.metrics_state)
+    checkpointer = TrainerCheckpointer(run_dir, cfg, log)
+    preemption = PreemptionFlag().install()
+    try:
+        result = run_loop(cfg, state, iter(loader), sampler, action_tokenizer, logger, checkpointer, preemption,
+                          device, log)
+    finally:
+        preemption.uninstall()
+        checkpointer.wait()
+        logger.close()
+    if not result.preempted:
+        log(f"done: {result.final_step} steps; adapter + state in {run_dir}/checkpoints, metrics in "
+            f"{run_dir}/metrics.jsonl")
+    return result

@@ -1,0 +1,93 @@
+"""THE training loop, shared by LoRA baseline, the method (through hooks) and full training.
+
+Per optimizer step: `grad_accumulation_steps` micro-batches (forward, backward), hooks, clip,
+AdamW step, scheduler step, one metrics record; a checkpoint every `save_steps` optimizer steps,
+at the last step, and when a preemption signal arrived.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Iterator
+
+import torch
+from tqdm import tqdm
+
+from steadyvla.config import RunConfig
+from steadyvla.data.sampler import ResumableBatchSampler
+from steadyvla.model.action_tokenizer import ActionTokenizer
+from steadyvla.train.checkpointing import TrainerCheckpointer, TrainState
+from steadyvla.train.metrics import MetricsLogger, action_metrics, mean_metrics
+from steadyvla.train.signals import PreemptionFlag
+
+MODEL_INPUTS = ("input_ids", "attention_mask", "pixel_values", "labels")
+
+
+@dataclass
+class LoopResult:
+    """How the loop ended."""
+
+    final_step: int
+    preempted: bool
+
+
+def run_loop(
+    cfg: RunConfig,
+    state: TrainState,
+    batches: Iterator[dict[str, torch.Tensor]],
+    sampler: ResumableBatchSampler,
+    action_tokenizer: ActionTokenizer,
+    logger: MetricsLogger,
+    checkpointer: TrainerCheckpointer,
+    preemption: PreemptionFlag,
+    device: torch.device,
+    log: Callable[[str], None] = print,
+) -> LoopResult:
+    """Train from `state.global_step` to `cfg.max_steps` (or until preempted)."""
+    model, optimizer, scheduler = state.model, state.optimizer, state.scheduler
+    model.train()
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    bar = tqdm(total=cfg.max_steps, initial=state.global_step, disable=not cfg.progress_bar, desc="finetune",
+               dynamic_ncols=True)
+    try:
+        while state.global_step < cfg.max_steps:
+            step = state.global_step
+            for hook in state.hooks:
+                hook.on_step_start(step)
+            micro = []
+            for _ in range(cfg.grad_accumulation_steps):
+                batch = next(batches)
+                state.data_position = sampler.advance(state.data_position)
+                inputs = {k: batch[k].to(device, non_blocking=True) for k in MODEL_INPUTS}
+                output = model(**inputs)
+                (output.loss / cfg.grad_accumulation_steps).backward()
+                micro.append(action_metrics(output, action_tokenizer))
+            for hook in state.hooks:
+                hook.before_optimizer_step(step)
+            if cfg.max_grad_norm is not None:
+                torch.nn.utils.clip_grad_norm_(trainable, cfg.max_grad_norm, foreach=False)
+            lr = scheduler.get_last_lr()[0]
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            state.global_step = step + 1
+            metrics = {**mean_metrics(micro), "lr": lr, "epoch": state.data_position.epoch}
+            for hook in state.hooks:
+                metrics.update(hook.on_step_end(state.global_step))
+            if state.global_step % cfg.log_every_steps == 0 or state.global_step == cfg.max_steps:
+                logger.log(state.global_step, metrics)
+            bar.update(1)
+            bar.set_postfix(loss=f"{metrics['train_loss']:.4f}", lr=f"{lr:.2e}")
+            preempted = preemption.requested is not None
+            if state.global_step % cfg.save_steps == 0 or state.global_step == cfg.max_steps or preempted:
+                state.metrics_state = logger.state_dict()
+                logger.sync()
+                checkpointer.save(state, blocking=preempted or state.global_step == cfg.max_steps)
+            if preempted:
+                log(f"steadyvla: preempted: checkpoint of step {state.global_step} is complete; exiting 0. "
+                    "Run the same command again to continue.")
+                return LoopResult(state.global_step, preempted=True)
+    finally:
+        bar.close()
+    checkpointer.wait()
+    return LoopResult(state.global_step, preempted=False)

@@ -1,0 +1,103 @@
+"""Training metrics OpenVLA users know, and the metrics log (metrics.jsonl + TensorBoard).
+
+After a resume the log is cut back to the checkpoint's step (jsonl rewritten atomically;
+TensorBoard via `purge_step`), so every step appears exactly once however often the run died.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from steadyvla.checkpoint.atomic import atomic_write_text
+from steadyvla.checkpoint.layout import METRICS_JSONL, TENSORBOARD_DIR
+from steadyvla.model.action_tokenizer import ActionTokenizer
+from steadyvla.model.vla import VLAOutput
+
+
+@torch.no_grad()
+def action_metrics(output: VLAOutput, action_tokenizer: ActionTokenizer) -> dict[str, float]:
+    """`train_loss`, `action_accuracy` (argmax == label on action positions), `l1_loss`
+    (L1 between decoded bin centers of prediction and label)."""
+    preds = output.logits.argmax(dim=-1)
+    mask = action_tokenizer.is_action_token(output.labels)
+    correct = (preds == output.labels) & mask
+    n = mask.sum().clamp(min=1)
+    l1 = (action_tokenizer.decode_torch(preds[mask]) - action_tokenizer.decode_torch(output.labels[mask])).abs()
+    return {
+        "train_loss": float(output.loss.detach()),
+        "action_accuracy": float(correct.sum() / n),
+        "l1_loss": float(l1.mean()) if l1.numel() else 0.0,
+    }
+
+
+def mean_metrics(rows: list[dict[str, float]]) -> dict[str, float]:
+    """Mean of each key over micro-batches (sum in a fixed order: deterministic)."""
+    return {k: sum(r[k] for r in rows) / len(rows) for k in rows[0]}
+
+
+def read_metrics(path: Path) -> list[dict[str, Any]]:
+    """All records of a metrics.jsonl (a torn last line from a crash is ignored)."""
+    if not path.exists():
+        return []
+    rows = []
+    for line in path.read_text().splitlines():
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError:
+            break
+    return rows
+
+
+class MetricsLogger:
+    """Appends one JSON line per logged step and mirrors scalars to TensorBoard."""
+
+    def __init__(self, run_dir: Path, resume_step: int, *, tensorboard: bool = True):
+        self.path = run_dir / METRICS_JSONL
+        self.best_train_loss: float | None = None
+        self.best_step: int | None = None
+        self.bad_evals = 0  # early-stopping counter
+        kept = [r for r in read_metrics(self.path) if int(r.get("step", 0)) <= resume_step]
+        atomic_write_text(self.path, "".join(json.dumps(r) + "\n" for r in kept))
+        self._file = self.path.open("a")
+        self._tb = None
+        if tensorboard:
+            from torch.utils.tensorboard import SummaryWriter
+
+            # purge_step makes TensorBoard drop events a killed run wrote after the checkpoint.
+            self._tb = SummaryWriter(str(run_dir / TENSORBOARD_DIR), purge_step=resume_step + 1)
+
+    def log(self, step: int, metrics: dict[str, float]) -> None:
+        """Record the metrics of optimizer step `step`."""
+        record = {"step": step, **metrics}
+        self._file.write(json.dumps(record) + "\n")
+        self._file.flush()
+        if "train_loss" in metrics and (self.best_train_loss is None or metrics["train_loss"] < self.best_train_loss):
+            self.best_train_loss, self.best_step = metrics["train_loss"], step
+        if self._tb is not None:
+            for key, value in metrics.items():
+                self._tb.add_scalar(key, value, step)
+
+    def sync(self) -> None:
+        """Make everything logged so far durable (called before a checkpoint is taken)."""
+        self._file.flush()
+        os.fsync(self._file.fileno())
+        if self._tb is not None:
+            self._tb.flush()
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"best_train_loss": self.best_train_loss, "best_step": self.best_step, "bad_evals": self.bad_evals}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.best_train_loss = state.get("best_train_loss")
+        self.best_step = state.get("best_step")
+        self.bad_evals = int(state.get("bad_evals", 0))
+
+    def close(self) -> None:
+        self._file.close()
+        if self._tb is not None:
+            self._tb.close()

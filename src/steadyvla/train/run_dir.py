@@ -1,0 +1,55 @@
+"""The run directory: its stable id, config.yaml of the first start, starts.jsonl of every start."""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from steadyvla.checkpoint.atomic import atomic_write_text
+from steadyvla.checkpoint.layout import CONFIG_YAML, STARTS_JSONL
+from steadyvla.config import RunConfig, dump_config
+from steadyvla.versions import library_versions
+
+
+def derive_run_id(cfg: RunConfig) -> str:
+    """OpenVLA-style experiment id from the settings that define the run (stable across restarts,
+    so re-running the same command continues the same run)."""
+    if cfg.run_id:
+        return cfg.run_id
+    parts = [cfg.model_preset if not cfg.vla_path else Path(cfg.vla_path).name, cfg.dataset_name,
+             f"b{cfg.batch_size * cfg.grad_accumulation_steps}", f"lr-{cfg.learning_rate:g}"]
+    if cfg.use_lora:
+        parts += [f"lora-r{cfg.lora_rank}", f"dropout-{cfg.lora_dropout:g}"]
+    run_id = "+".join(parts)
+    if cfg.image_aug:
+        run_id += "--image_aug"
+    if cfg.method_enabled:
+        run_id += "--method"
+    if cfg.run_id_note:
+        run_id += f"--{cfg.run_id_note}"
+    return run_id
+
+
+def run_dir_for(cfg: RunConfig) -> Path:
+    return Path(cfg.run_root_dir) / derive_run_id(cfg)
+
+
+def record_start(run_dir: Path, cfg: RunConfig, *, resumed_from: str | None, resumed_step: int,
+                 changes: dict[str, Any]) -> None:
+    """Write config.yaml on the first start; append this start to starts.jsonl."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    if not (run_dir / CONFIG_YAML).exists():
+        atomic_write_text(run_dir / CONFIG_YAML, dump_config(cfg))
+    entry = {
+        "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "argv": sys.argv,
+        "resumed_from": resumed_from,
+        "resumed_step": resumed_step,
+        "changed_fields": changes,
+        "versions": library_versions(),
+    }
+    with (run_dir / STARTS_JSONL).open("a") as f:
+        f.write(json.dumps(entry) + "\n")

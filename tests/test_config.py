@@ -1,0 +1,58 @@
+import pytest
+
+from steadyvla.cli import main
+from steadyvla.config import ConfigError, build_config, load_config, parse_overrides
+
+
+def test_overrides_are_read_as_yaml_scalars():
+    values = parse_overrides(["--max_steps", "20", "--image_aug", "true", "--resume_global_step", "null",
+                              "--learning_rate", "3e-4", "--run_id_note=exp1"])
+    cfg = build_config(values)
+    assert (cfg.max_steps, cfg.image_aug, cfg.resume_global_step, cfg.learning_rate) == (20, True, None, 3e-4)
+    assert cfg.run_id_note == "exp1"
+
+
+def test_unknown_key_names_the_closest_known_key():
+    with pytest.raises(ConfigError, match=r"unknown config key `learning_rat`; did you mean `learning_rate`"):
+        build_config({"learning_rat": 1e-4})
+
+
+@pytest.mark.parametrize("key,value,message", [
+    ("batch_size", "eight", r"`batch_size`: 'eight' is not an integer"),
+    ("batch_size", 0, r"`batch_size`: 0 must be >= 1"),
+    ("lr_scheduler", "linear", r"`lr_scheduler`: 'linear' is not one of none, cosine"),
+    ("image_aug", "yes please", r"`image_aug`: 'yes please' is not a boolean"),
+    ("lora_dropout", 1.5, r"`lora_dropout`: 1.5 must be in \[0, 1\)"),
+    ("max_steps", None, r"`max_steps`: null is not allowed"),
+])
+def test_bad_values_name_the_field(key, value, message):
+    with pytest.raises(ConfigError, match=message):
+        build_config({key: value})
+
+
+def test_resume_global_step_null_is_accepted():
+    assert build_config({"resume_global_step": None}).resume_global_step is None
+    assert build_config({"resume_global_step": 0}).resume_global_step == 0
+
+
+def test_old_environment_keys_are_accepted_as_no_ops():
+    cfg = build_config({"server_profile": "a100", "rlds_read_threads": 8, "use_wandb": False})
+    assert cfg.ignored_keys == {"server_profile": "a100", "rlds_read_threads": 8, "use_wandb": False}
+
+
+def test_shipped_configs_load():
+    for name in ("demo", "baseline_lora"):
+        load_config(f"configs/{name}.yaml")
+
+
+def test_cli_reports_config_errors_with_exit_2(tmp_path, capsys):
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("batch_sise: 4\n")
+    assert main(["finetune", "--config", str(cfg)]) == 2
+    assert "did you mean `batch_size`" in capsys.readouterr().err
+
+
+def test_digest_ignores_harmless_fields():
+    a, b = build_config({"max_steps": 10}), build_config({"max_steps": 99, "save_steps": 7})
+    assert a.digest() == b.digest()
+    assert a.digest() != build_config({"lora_rank": 8}).digest()
