@@ -15,6 +15,7 @@ from __future__ import annotations
 import inspect
 import json
 import os
+import sys
 import warnings
 import zlib
 from collections.abc import Iterator, Sequence
@@ -31,19 +32,19 @@ DEMO_TASKS: dict[str, str] = {
     "reach-v3": "reach the red goal position",
     "push-v3": "push the red puck to the green goal",
     "pick-place-v3": "pick up the red puck and place it at the blue goal",
-    "button-press-topdown-v3": "press the yellow button down from the top",
+    "button-press-topdown-v3": "press the red button down from the top",
     "drawer-open-v3": "pull the green drawer open",
     "drawer-close-v3": "push the green drawer closed",
     "button-press-v3": "press the button on the wall",
     "coffee-button-v3": "press the button on the coffee machine",
-    "handle-press-v3": "press the red handle down",
+    "handle-press-v3": "press the handle down",
     "plate-slide-v3": "slide the plate into the goal",
     "window-open-v3": "slide the window open",
     "window-close-v3": "slide the window closed",
 }
 DEFAULT_TASKS: tuple[str, ...] = (
     "reach-v3", "push-v3", "pick-place-v3", "button-press-topdown-v3", "drawer-open-v3")
-DEFAULT_CAMERA = "corner4"  # close view of arm, table and objects; corner cameras render upside down
+DEFAULT_CAMERA = "corner4"  # close view of arm, table and objects (rendered upside down: flipped)
 FPS = 80  # MetaWorld control rate: 5 physics substeps of 2.5 ms per env step
 STATE_NAMES = ["hand_x", "hand_y", "hand_z", "gripper_distance"]
 ACTION_NAMES = ["delta_x", "delta_y", "delta_z", "gripper"]
@@ -65,6 +66,26 @@ def select_gl_backend() -> str:
     return backend
 
 
+# At import too: whatever imports this module before mujoco (the CLI, an eval script) gets a
+# backend that works here; the user's MUJOCO_GL always wins.
+select_gl_backend()
+
+
+def _check_mujoco_backend(backend: str) -> None:
+    """Fail early if mujoco was imported before MUJOCO_GL was chosen (the choice is then fixed)."""
+    context = sys.modules.get("mujoco.gl_context")
+    imported_with = getattr(context, "_MUJOCO_GL", None)
+    if imported_with is None:
+        return
+    if (imported_with or "glfw") != backend.lower():
+        raise RuntimeError(
+            f"mujoco was imported with MUJOCO_GL={imported_with or '(unset: glfw)'!r} before the "
+            f"demo generator could select {backend!r}; set MUJOCO_GL={backend} in the environment, "
+            "or call steadyvla.data.demo_metaworld.select_gl_backend() before importing "
+            "mujoco or metaworld"
+        )
+
+
 def _render_help(backend: str, error: BaseException) -> str:
     hints = {
         "osmesa": "install OSMesa (Debian/Ubuntu: `apt-get install libosmesa6`) and PyOpenGL",
@@ -72,7 +93,8 @@ def _render_help(backend: str, error: BaseException) -> str:
                "software rendering with MUJOCO_GL=osmesa (needs `apt-get install libosmesa6`)",
     }
     hint = hints.get(backend, "set MUJOCO_GL=osmesa (needs `apt-get install libosmesa6`) or egl")
-    return f"MuJoCo cannot render with MUJOCO_GL={backend!r} ({type(error).__name__}: {error}); {hint}"
+    return (f"MuJoCo cannot render with MUJOCO_GL={backend!r} "
+            f"({type(error).__name__}: {error}); {hint}")
 
 
 class _Camera:
@@ -108,7 +130,8 @@ class _Camera:
 
 def _episode_seed(seed: int, task: str, attempt: int) -> int:
     # Per-task streams: adding or reordering tasks leaves every other task's episodes unchanged.
-    return int(np.random.SeedSequence([seed, zlib.crc32(task.encode()), attempt]).generate_state(1)[0])
+    entropy = [seed, zlib.crc32(task.encode()), attempt]
+    return int(np.random.SeedSequence(entropy).generate_state(1)[0])
 
 
 def _make_env(metaworld: Any, task: str) -> Any:
@@ -228,6 +251,7 @@ def generate_demo_dataset(
     """
     params = _demo_params(tasks, episodes_per_task, image_size, seed, max_episode_steps, camera)
     backend = select_gl_backend()
+    _check_mujoco_backend(backend)
     episodes = _episodes(params["tasks"], params["episodes_per_task"], params["image_size"],
                          params["seed"], params["max_episode_steps"], camera, backend, progress)
     from importlib.metadata import version
@@ -256,7 +280,8 @@ def ensure_demo_dataset(out_dir: Path, **kwargs: Any) -> Path:
     signature = inspect.signature(generate_demo_dataset).parameters
     unknown = sorted(set(kwargs) - set(signature) | ({"out_dir"} & set(kwargs)))
     if unknown:
-        raise TypeError(f"unknown demo dataset options {unknown}; valid: {[n for n in signature if n != 'out_dir']}")
+        valid = [n for n in signature if n != "out_dir"]
+        raise TypeError(f"unknown demo dataset options {unknown}; valid: {valid}")
     names = ("tasks", "episodes_per_task", "image_size", "seed", "max_episode_steps", "camera")
     params = _demo_params(*(kwargs.get(n, signature[n].default) for n in names))
     overwrite = False

@@ -106,7 +106,8 @@ def _check_action_entry(name: str, entry: Any) -> None:
             )
     for key in ("num_transitions", "num_trajectories"):
         if not isinstance(entry.get(key), int):
-            raise ValueError(f"statistics for {name!r}: {key} must be an int, got {entry.get(key)!r}")
+            raise ValueError(
+                f"statistics for {name!r}: {key} must be an int, got {entry.get(key)!r}")
 
 
 def write_dataset_statistics(path: Path, stats_by_name: dict[str, dict]) -> None:
@@ -145,7 +146,7 @@ def load_dataset_statistics(path: Path) -> dict[str, dict]:
 
 
 def _bounds(action_stats: dict) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    # Accept the whole dataset entry too: callers often hold stats[name] rather than stats[name]["action"].
+    # Accept the whole dataset entry too: callers often hold stats[name], not stats[name]["action"].
     if "action" in action_stats and isinstance(action_stats["action"], dict):
         action_stats = action_stats["action"]
     try:

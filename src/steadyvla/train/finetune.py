@@ -115,7 +115,9 @@ def finetune(cfg: RunConfig, hooks: list[TrainHook] | None = None, log: Callable
     sampler = ResumableBatchSampler(len(dataset), cfg.batch_size, seed=cfg.seed, start=state.data_position)
     loader = DataLoader(dataset, batch_sampler=sampler, num_workers=cfg.num_workers,
                         collate_fn=PaddedCollator(int(tokenizer.pad_token_id)),
-                        pin_memory=device.type == "cuda", persistent_workers=cfg.num_workers > 0)
+                        pin_memory=device.type == "cuda", persistent_workers=cfg.num_workers > 0,
+                        # own generator: creating the iterator must not draw from the restored global RNG
+                        generator=torch.Generator().manual_seed(cfg.seed))
     logger = MetricsLogger(run_dir, resume_step=state.global_step)
     logger.load_state_dict(state.metrics_state)
     checkpointer = TrainerCheckpointer(run_dir, cfg, log)
@@ -127,6 +129,7 @@ def finetune(cfg: RunConfig, hooks: list[TrainHook] | None = None, log: Callable
         preemption.uninstall()
         checkpointer.wait()
         logger.close()
+    result.model = model
     if not result.preempted:
         log(f"done: {result.final_step} steps; adapter + state in {run_dir}/checkpoints, metrics in "
             f"{run_dir}/metrics.jsonl")

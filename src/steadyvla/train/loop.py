@@ -29,6 +29,7 @@ class LoopResult:
 
     final_step: int
     preempted: bool
+    model: torch.nn.Module | None = None  # the trained model (set by the entry point)
 
 
 def run_loop(
