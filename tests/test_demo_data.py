@@ -126,3 +126,27 @@ def test_mujoco_imported_with_another_backend_is_explained(tmp_path, monkeypatch
     match = r"imported with MUJOCO_GL='\(unset: glfw\)'.*MUJOCO_GL=osmesa"
     with pytest.raises(RuntimeError, match=match):
         demo.generate_demo_dataset(tmp_path / "x", **TINY)
+
+
+def test_first_frame_shows_the_reset_state():
+    import metaworld
+    import mujoco
+    from metaworld.policies import ENV_POLICY_MAP
+
+    class Probe:  # stands in for the camera: records what the renderer would draw
+        def __init__(self):
+            self.sites = []
+
+        def render(self, data):
+            self.sites.append(data.site_xpos.copy())
+            return np.zeros((8, 8, 3), np.uint8)
+
+    env = demo._make_env(metaworld, "reach-v3")
+    probe = Probe()
+    demo._rollout(env, ENV_POLICY_MAP["reach-v3"](), probe, "reach-v3", max_steps=2, seed=11)
+    env.seed(11)
+    env.reset()
+    mujoco.mj_forward(env.model, env.data)
+    # The goal marker must be drawn where this episode's goal is, not where the last one was.
+    np.testing.assert_array_equal(probe.sites[0], env.data.site_xpos)
+    env.close()

@@ -17,8 +17,29 @@ OPTIM_PREFIX = "optim"
 RNG_PREFIX = "rng"
 
 
-def _cpu_copy(t: torch.Tensor) -> torch.Tensor:
-    return t.detach().to("cpu", copy=True).contiguous()
+# Pinned host buffers reused across saves (allocating pinned memory costs more than the copy).
+# Safe because a new snapshot is taken only after the previous save finished writing.
+_PINNED: dict[str, torch.Tensor] = {}
+
+
+def cpu_copy(t: torch.Tensor, key: str | None = None) -> torch.Tensor:
+    """A CPU copy. CUDA tensors go to (reused, when `key` is given) pinned memory without
+    blocking: the copy is ordered before any later kernel on the stream, and `wait_for_copies()`
+    runs on the writer thread before the bytes are read."""
+    if not t.is_cuda:
+        return t.detach().to("cpu", copy=True).contiguous()
+    buf = _PINNED.get(key) if key is not None else None
+    if buf is None or buf.shape != t.shape or buf.dtype != t.dtype:
+        buf = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
+        if key is not None:
+            _PINNED[key] = buf
+    return buf.copy_(t.detach(), non_blocking=True)
+
+
+def wait_for_copies() -> None:
+    """Block until the device-to-host copies issued by the snapshot are done (writer thread)."""
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        torch.cuda.synchronize()
 
 
 def snapshot_optimizer(optimizer: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
@@ -29,7 +50,8 @@ def snapshot_optimizer(optimizer: torch.optim.Optimizer) -> tuple[dict[str, torc
     for pid, state in sd["state"].items():
         for name, value in state.items():
             if isinstance(value, torch.Tensor):
-                tensors[f"{OPTIM_PREFIX}.{pid}.{name}"] = _cpu_copy(value)
+                key = f"{OPTIM_PREFIX}.{pid}.{name}"
+                tensors[key] = cpu_copy(value, key)
             else:
                 scalars.setdefault(str(pid), {})[name] = value
     groups = [{k: (list(v) if isinstance(v, tuple) else v) for k, v in g.items()} for g in sd["param_groups"]]
@@ -79,7 +101,7 @@ def restore_rng(rank: int, tensors: dict[str, torch.Tensor], meta: dict[str, Any
 
 def snapshot_tensors(prefix: str, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """CPU copies of a named tensor dict under `prefix.` (used for method state)."""
-    return {f"{prefix}.{k}": _cpu_copy(v) for k, v in tensors.items()}
+    return {f"{prefix}.{k}": cpu_copy(v, f"{prefix}.{k}") for k, v in tensors.items()}
 
 
 def select_prefix(tensors: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:

@@ -146,14 +146,22 @@ def _make_env(metaworld: Any, task: str) -> Any:
 
 def _rollout(env: Any, policy: Any, camera: _Camera, task: str, max_steps: int,
              seed: int) -> Episode | None:
+    import mujoco
+
     env.seed(seed)
     obs, _ = env.reset()
+    # reset() moves the goal marker without recomputing site positions; without this, frame 0
+    # would show the marker where the previous episode (or env construction) left it.
+    mujoco.mj_forward(env.model, env.data)
     images, states, actions = [], [], []
     success_at = None
     for step in range(max_steps):
         images.append(camera.render(env.data))
         states.append(obs[:4])
-        action = np.clip(policy.get_action(obs), -1.0, 1.0).astype(np.float32)
+        with warnings.catch_warnings():  # experts warn that their own gains exceed [-1, 1]
+            warnings.simplefilter("ignore", UserWarning)
+            raw = policy.get_action(obs)
+        action = np.clip(raw, -1.0, 1.0).astype(np.float32)
         actions.append(action)
         obs, _, _, truncated, info = env.step(action)
         if success_at is None and info["success"]:
@@ -195,9 +203,7 @@ def _episodes(tasks: Sequence[str], episodes_per_task: int, image_size: int, see
                         )
                     episode_seed = _episode_seed(seed, task, attempts)
                     attempts += 1
-                    with warnings.catch_warnings():  # experts warn about their own gains
-                        warnings.simplefilter("ignore", UserWarning)
-                        episode = _rollout(env, policy, camera, task, max_steps, episode_seed)
+                    episode = _rollout(env, policy, camera, task, max_steps, episode_seed)
                     if episode is not None:
                         kept += 1
                         bar.set_postfix(task=task, frames=len(episode.actions))

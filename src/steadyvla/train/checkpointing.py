@@ -21,7 +21,8 @@ from steadyvla.checkpoint.async_writer import AsyncCheckpointWriter
 from steadyvla.checkpoint.layout import ADAPTER_CONFIG, ADAPTER_WEIGHTS, TRAINER_STATE_JSON, TRAINER_STATE_TENSORS
 from steadyvla.checkpoint.manager import CheckpointManager
 from steadyvla.checkpoint.state import (
-    restore_optimizer, restore_rng, select_prefix, snapshot_optimizer, snapshot_rng, snapshot_tensors,
+    cpu_copy, restore_optimizer, restore_rng, select_prefix, snapshot_optimizer, snapshot_rng, snapshot_tensors,
+    wait_for_copies,
 )
 from steadyvla.config import RunConfig
 from steadyvla.data.sampler import DataPosition
@@ -59,7 +60,8 @@ class Snapshot:
 
 def take_snapshot(state: TrainState, cfg: RunConfig, *, rank: int = 0, world_size: int = 1) -> Snapshot:
     """Copy all state to CPU (blocking part of a save)."""
-    adapter = {k: v.detach().to("cpu", copy=True).contiguous() for k, v in get_peft_model_state_dict(state.model, save_embedding_layers=False).items()}
+    peft_state = get_peft_model_state_dict(state.model, save_embedding_layers=False)
+    adapter = {k: cpu_copy(v, f"adapter.{k}") for k, v in peft_state.items()}
     optim_tensors, optim_meta = snapshot_optimizer(state.optimizer)
     rng_tensors, rng_meta = snapshot_rng(rank)
     tensors = {**optim_tensors, **rng_tensors}
@@ -90,6 +92,7 @@ def take_snapshot(state: TrainState, cfg: RunConfig, *, rank: int = 0, world_siz
 
 def write_snapshot(snapshot: Snapshot, ckpt_dir: Path) -> None:
     """Write a snapshot's files into `ckpt_dir` (PEFT adapter layout + trainer state)."""
+    wait_for_copies()
     snapshot.adapter_config.inference_mode = True
     snapshot.adapter_config.save_pretrained(str(ckpt_dir))
     save_file(snapshot.adapter, str(ckpt_dir / ADAPTER_WEIGHTS), metadata={"format": "pt"})
@@ -135,6 +138,7 @@ class TrainerCheckpointer:
 
     def save(self, state: TrainState, *, blocking: bool = False) -> None:
         """Snapshot now; write now (blocking) or on the background thread."""
+        self.writer.wait()  # never two saves in flight; the snapshot reuses host buffers
         snapshot = take_snapshot(state, self.cfg)
 
         def write() -> Path:
