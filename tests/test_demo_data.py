@@ -5,6 +5,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
+import shutil
 import sys
 import types
 
@@ -37,7 +38,7 @@ def test_demo_tasks_are_valid():
     for name, sentence in demo.DEMO_TASKS.items():
         assert name in ENV_POLICY_MAP and name.endswith("-v3")
         assert sentence == sentence.lower().strip() and not sentence.endswith(".")
-        assert len(set(demo.DEMO_TASKS.values())) == len(demo.DEMO_TASKS)
+    assert len(set(demo.DEMO_TASKS.values())) == len(demo.DEMO_TASKS)
 
 
 def test_tiny_dataset_contents(tiny_dataset):
@@ -53,8 +54,7 @@ def test_tiny_dataset_contents(tiny_dataset):
     assert info["features"]["action"]["shape"] == [4]
     actions = reader.actions()
     assert actions.shape == (len(reader), 4) and np.abs(actions).max() <= 1.0
-    lengths = json.loads(json.dumps(info))["total_frames"]
-    assert lengths == len(reader) <= 2 * TINY["max_episode_steps"]
+    assert info["total_frames"] == len(reader) <= 2 * TINY["max_episode_steps"]
     first, last = reader.frame(0), reader.frame(len(reader) - 1)
     assert first.image.shape == (32, 32, 3) and first.image.std() > 5  # a real picture, not blank
     assert (first.episode_index, last.episode_index) == (0, 1)
@@ -80,6 +80,16 @@ def test_ensure_reuses_a_complete_dataset(tiny_dataset, capsys):
     assert demo.ensure_demo_dataset(tiny_dataset, **TINY) == tiny_dataset
     assert "Reusing the demo dataset" in capsys.readouterr().out
     assert info.stat().st_mtime_ns == before
+
+
+def test_ensure_regenerates_when_settings_changed(tiny_dataset, tmp_path, capsys):
+    copy = tmp_path / "metaworld_demo"
+    shutil.copytree(tiny_dataset, copy)
+    changed = {**TINY, "tasks": ["handle-press-v3"]}
+    demo.ensure_demo_dataset(copy, **changed)
+    assert "made with other settings; regenerating" in capsys.readouterr().out
+    assert LeRobotFrames(copy).num_episodes == 1
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["metaworld_demo"]
 
 
 def test_task_that_never_succeeds_fails_clearly(tmp_path):

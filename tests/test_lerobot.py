@@ -272,3 +272,14 @@ def test_pandas_reads_tasks_with_task_index(dataset):
     tasks = pd.read_parquet(root / "meta" / "tasks.parquet")
     assert tasks.index.name == "task"
     assert int(tasks.loc["open the drawer"].task_index) == 1
+
+
+def test_reader_survives_a_dataloader_worker_copy(dataset):
+    import copy
+
+    root, episodes = dataset
+    reader = LeRobotFrames(root)
+    reader.frame(3)  # opens a parquet file and fills the cache
+    clone = copy.deepcopy(reader)  # what spawn-started workers do, minus the process
+    assert clone._handles == {} and len(clone._cache) == 0
+    np.testing.assert_array_equal(clone.frame(50).image, episodes[2].images[4])

@@ -137,3 +137,12 @@ def test_load_errors_name_the_problem(tmp_path, actions):
     with pytest.raises(ValueError, match="lacks"):
         write_dataset_statistics(tmp_path / "x.json", {"ds": entry})
     assert not (tmp_path / "x.json").exists()
+
+
+def test_openvla_entry_without_mask_normalizes_every_dim(tmp_path):
+    entry = {"action": {"q01": [-2.0, 0.0], "q99": [2.0, 1.0]}, "num_transitions": 3,
+             "num_trajectories": 1}
+    path = tmp_path / "dataset_statistics.json"
+    path.write_text(json.dumps({"bridge_orig": entry}))
+    action = load_dataset_statistics(path)["bridge_orig"]["action"]
+    np.testing.assert_allclose(normalize_actions(np.array([[1.0, 0.25]]), action), [[0.5, -0.5]])

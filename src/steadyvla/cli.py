@@ -14,7 +14,7 @@ from steadyvla.checkpoint.manager import CheckpointError
 from steadyvla.config import ConfigError, load_config, parse_overrides
 
 EXIT_USAGE = 2
-VERBS_WITH_OVERRIDES = ("finetune", "doctor")
+VERBS_WITH_OVERRIDES = ("finetune", "doctor", "icsm")
 
 
 def _config_from(args: argparse.Namespace, extra: list[str]):
@@ -24,13 +24,16 @@ def _config_from(args: argparse.Namespace, extra: list[str]):
 def cmd_finetune(args: argparse.Namespace, extra: list[str]) -> int:
     from steadyvla.train.finetune import finetune
 
-    cfg = _config_from(args, extra)
-    if cfg.method_enabled:
-        from steadyvla.method.setup import method_hooks
+    finetune(_config_from(args, extra))
+    return 0
 
-        finetune(cfg, hooks=method_hooks(cfg))
-    else:
-        finetune(cfg)
+
+def cmd_icsm(args: argparse.Namespace, extra: list[str]) -> int:
+    from steadyvla.method.build_icsm import build_icsm
+    from steadyvla.train.finetune import open_training_data, say
+
+    cfg = _config_from(args, extra)
+    build_icsm(cfg, open_training_data(cfg, say), say)
     return 0
 
 
@@ -83,6 +86,11 @@ def build_parser() -> argparse.ArgumentParser:
         p = verbs.add_parser(name, help=helptext, description=f"{helptext}. Any config key can be overridden with "
                              "`--key value` (values read as YAML: true, false, null, numbers).")
         p.add_argument("--config", required=True, help="YAML config with flat keys (see configs/)")
+    icsm = verbs.add_parser("icsm", help="the method's offline step: ICSM subspaces from the frozen teacher")
+    icsm_verbs = icsm.add_subparsers(dest="icsm_verb", required=True)
+    icsm_build = icsm_verbs.add_parser("build", help="write U_f, U_p, mu, C_T per layer to icms_artifact_dir; "
+                                       "config keys can be overridden with `--key value`")
+    icsm_build.add_argument("--config", required=True, help="YAML config with flat keys (see configs/)")
     data = verbs.add_parser("data", help="datasets: generate the demo, inspect, write statistics")
     data_verbs = data.add_subparsers(dest="data_verb", required=True)
     demo = data_verbs.add_parser("demo", help="roll out MetaWorld scripted experts into a LeRobot v3.0 dataset")
@@ -104,7 +112,7 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-COMMANDS = {"finetune": cmd_finetune, "doctor": cmd_doctor, "data": cmd_data, "ckpt": cmd_ckpt}
+COMMANDS = {"finetune": cmd_finetune, "doctor": cmd_doctor, "icsm": cmd_icsm, "data": cmd_data, "ckpt": cmd_ckpt}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -54,6 +54,25 @@ RESUME_CRITICAL_FIELDS: tuple[str, ...] = (
     "min_learning_rate",
     "weight_decay",
     "method_enabled",
+    "icms_artifact_dir",
+    "hsw_layer_ids",
+    "hsw_beta",
+    "hsw_gamma",
+    "hsw_eps",
+    "prompt_template",
+    "probe_dataset_name",
+    "probe_jsonl",
+    "probe_size",
+    "probe_batch_size",
+    "thermostat_update_interval",
+    "thermostat_warmup_steps",
+    "thermostat_min_beta",
+    "thermostat_max_beta",
+    "thermostat_min_gamma",
+    "thermostat_max_gamma",
+    "thermostat_k_beta",
+    "thermostat_k_gamma",
+    "thermostat_base_scale",
 )
 
 CHOICES: dict[str, tuple[str, ...]] = {
@@ -129,8 +148,15 @@ class RunConfig:
     hsw_gamma: float = 1.0
     hsw_eps: float = 1e-6
     prompt_template: str | None = None
-    probe_dataset_name: str | None = None
+    probe_dataset_name: str | None = None  # None = the training dataset
+    probe_jsonl: str | None = None  # alternative: lines of {"image": path, "instruction": text}
+    probe_size: int = 500
     probe_batch_size: int = 4
+    icsm_rank: int = 128  # r: candidate directions from the SVD
+    icsm_epsilon: float = 0.5  # injection size, relative to the RMS of the pooled states
+    icsm_fragile_fraction: float = 0.25  # share of the r directions that become U_f
+    icsm_plastic_fraction: float = 0.25  # share that becomes U_p (the rest is null)
+    icsm_sensitivity_samples: int = 32
     thermostat_update_interval: int = 50
     thermostat_warmup_steps: int = 20
     thermostat_min_beta: float = 0.1
@@ -222,7 +248,8 @@ def _validate(cfg: RunConfig) -> None:
         if value not in allowed:
             raise ConfigError(f"config field `{key}`: {value!r} is not one of {', '.join(allowed)}")
     positive = ("batch_size", "grad_accumulation_steps", "max_steps", "save_steps", "lora_rank",
-                "log_every_steps", "probe_batch_size", "thermostat_update_interval")
+                "log_every_steps", "probe_batch_size", "thermostat_update_interval", "probe_size", "icsm_rank",
+                "icsm_sensitivity_samples")
     for key in positive:
         if getattr(cfg, key) < 1:
             raise ConfigError(f"config field `{key}`: {getattr(cfg, key)} must be >= 1")
@@ -231,6 +258,12 @@ def _validate(cfg: RunConfig) -> None:
             raise ConfigError(f"config field `{key}`: {getattr(cfg, key)} must be >= 0")
     if not 0.0 <= cfg.lora_dropout < 1.0:
         raise ConfigError(f"config field `lora_dropout`: {cfg.lora_dropout} must be in [0, 1)")
+    for key in ("icsm_fragile_fraction", "icsm_plastic_fraction"):
+        if not 0.0 <= getattr(cfg, key) <= 1.0:
+            raise ConfigError(f"config field `{key}`: {getattr(cfg, key)} must be in [0, 1]")
+    if cfg.icsm_fragile_fraction + cfg.icsm_plastic_fraction > 1.0:
+        raise ConfigError(f"config fields `icsm_fragile_fraction` + `icsm_plastic_fraction`: "
+                          f"{cfg.icsm_fragile_fraction} + {cfg.icsm_plastic_fraction} must be <= 1")
     if cfg.learning_rate <= 0:
         raise ConfigError(f"config field `learning_rate`: {cfg.learning_rate} must be > 0")
     if not 0 <= cfg.min_learning_rate <= cfg.learning_rate:

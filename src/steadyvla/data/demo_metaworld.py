@@ -176,12 +176,18 @@ def _rollout(env: Any, policy: Any, camera: _Camera, task: str, max_steps: int,
 
 def _episodes(tasks: Sequence[str], episodes_per_task: int, image_size: int, seed: int,
               max_steps: int, camera_name: str, backend: str, progress: bool) -> Iterator[Episode]:
+    install = "the demo dataset needs MetaWorld and MuJoCo: pip install 'steadyvla[demo]'"
+    try:
+        import mujoco  # noqa: F401  (importing it loads the GL backend named by MUJOCO_GL)
+    except ModuleNotFoundError as e:
+        raise ImportError(f"{install} ({e})") from e
+    except Exception as e:  # a missing GL library surfaces here, as ImportError or OSError
+        raise RuntimeError(_render_help(backend, e)) from e
     try:
         import metaworld
         from metaworld.policies import ENV_POLICY_MAP
-    except ImportError as e:
-        raise ImportError(
-            f"the demo dataset needs MetaWorld: pip install 'steadyvla[demo]' ({e})") from e
+    except ModuleNotFoundError as e:
+        raise ImportError(f"{install} ({e})") from e
     from tqdm import tqdm
 
     max_attempts = 2 * episodes_per_task + 3

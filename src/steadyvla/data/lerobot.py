@@ -436,6 +436,10 @@ class LeRobotFrames:
             frame_index=int(self._small["frame_index"][index]),
         )
 
+    def __getstate__(self) -> dict[str, Any]:
+        # Spawned DataLoader workers get a copy without open files or cached row groups.
+        return {**self.__dict__, "_handles": {}, "_cache": OrderedDict()}
+
     def _parquet(self, file_no: int) -> pq.ParquetFile:
         if os.getpid() != self._pid:  # forked DataLoader worker: never share open handles
             self._handles, self._cache, self._pid = {}, OrderedDict(), os.getpid()

@@ -91,23 +91,24 @@ def compute_action_statistics(
 
 
 def _check_action_entry(name: str, entry: Any) -> None:
+    # q01/q99 are what un-normalization needs; OpenVLA treats a missing mask as all-True.
     if not isinstance(entry, dict) or not isinstance(entry.get("action"), dict):
         raise ValueError(f"statistics for {name!r} must be a dict with an 'action' dict")
     action = entry["action"]
-    missing = [k for k in (*_STAT_KEYS, "mask") if k not in action]
+    missing = [k for k in ("q01", "q99") if k not in action]
     if missing:
         raise ValueError(f"statistics for {name!r}: 'action' lacks {missing}")
     dim = len(action["q01"])
     for key in (*_STAT_KEYS, "mask"):
-        if len(action[key]) != dim:
+        if key in action and len(action[key]) != dim:
             raise ValueError(
                 f"statistics for {name!r}: action.{key} has {len(action[key])} values, "
                 f"action.q01 has {dim}; all must match"
             )
     for key in ("num_transitions", "num_trajectories"):
-        if not isinstance(entry.get(key), int):
+        if key in entry and not isinstance(entry[key], int):
             raise ValueError(
-                f"statistics for {name!r}: {key} must be an int, got {entry.get(key)!r}")
+                f"statistics for {name!r}: {key} must be an int, got {entry[key]!r}")
 
 
 def write_dataset_statistics(path: Path, stats_by_name: dict[str, dict]) -> None:

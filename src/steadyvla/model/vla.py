@@ -76,7 +76,7 @@ class VLAOutput:
     """Loss (mean CE over label positions) and the logits/labels aligned for metrics."""
 
     loss: torch.Tensor | None
-    logits: torch.Tensor  # [B, L, V] predictions for positions 1..L (already shifted)
+    logits: torch.Tensor  # with labels: [B, L-1, V] shifted to align with `labels`; without: [B, L, V]
     labels: torch.Tensor | None  # [B, L] targets aligned with `logits`
     hidden_states: tuple[torch.Tensor, ...] | None = None
 
@@ -113,9 +113,9 @@ class VLA(nn.Module):
         out = self.language_model(
             inputs_embeds=embeds, attention_mask=mask, output_hidden_states=output_hidden_states, use_cache=False
         )
+        if labels is None:  # inference / probing: logits at every position, unshifted
+            return VLAOutput(None, out.logits, None, out.hidden_states)
         logits = out.logits[:, :-1]
-        if labels is None:
-            return VLAOutput(None, logits, None, out.hidden_states)
         ignore = labels.new_full(patches.shape[:2], IGNORE_INDEX)
         targets = torch.cat([labels[:, :1], ignore, labels[:, 1:]], dim=1)[:, 1:]
         loss = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), targets.reshape(-1), ignore_index=IGNORE_INDEX)

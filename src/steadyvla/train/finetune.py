@@ -76,8 +76,9 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def finetune(cfg: RunConfig, hooks: list[TrainHook] | None = None, log: Callable[[str], None] = say) -> LoopResult:
-    """Run (or continue) a LoRA fine-tuning run described by `cfg`."""
+def finetune(cfg: RunConfig, log: Callable[[str], None] = say) -> LoopResult:
+    """Run (or continue) a LoRA fine-tuning run described by `cfg`; `method_enabled` adds the
+    ICSM + HSW + Thermostat hook to the same loop."""
     if not cfg.use_lora:
         raise ConfigError("config field `use_lora`: false is full training; use `steadyvla train` for that")
     run_dir = run_dir_for(cfg)
@@ -87,8 +88,12 @@ def finetune(cfg: RunConfig, hooks: list[TrainHook] | None = None, log: Callable
         log(f"run already complete: checkpoint step {plan.step} >= max_steps {cfg.max_steps}; nothing to do")
         return LoopResult(plan.step, preempted=False)
 
-    seed_everything(cfg.seed)
     source = open_training_data(cfg, log)
+    if cfg.method_enabled:  # before seeding: building the teacher must not shift the run's RNG
+        from steadyvla.method.build_icsm import ensure_icsm, load_probe
+
+        artifacts, probe = ensure_icsm(cfg, source, log), load_probe(cfg, source)
+    seed_everything(cfg.seed)
     record_start(run_dir, cfg, resumed_from=str(plan.checkpoint) if plan.checkpoint else None,
                  resumed_step=plan.step, changes=changes)
     stats = action_statistics(cfg, source, run_dir, resuming=plan.checkpoint is not None)
@@ -99,7 +104,12 @@ def finetune(cfg: RunConfig, hooks: list[TrainHook] | None = None, log: Callable
     model = wrap_lora(build_vla(cfg, tokenizer), cfg).to(device)
     optimizer = build_optimizer(model, cfg)
     scheduler = build_scheduler(optimizer, cfg)
-    state = TrainState(model, optimizer, scheduler, DataPosition(), hooks=list(hooks or []))
+    hooks: list[TrainHook] = []
+    if cfg.method_enabled:
+        from steadyvla.method.hook import MethodHook
+
+        hooks.append(MethodHook(cfg, model, tokenizer, artifacts, probe, device))
+    state = TrainState(model, optimizer, scheduler, DataPosition(), hooks=hooks)
     if plan.checkpoint is not None:
         load_into(state, plan.checkpoint)
         log(f"restored step {state.global_step}, epoch {state.data_position.epoch}, sample "

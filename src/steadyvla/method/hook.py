@@ -1,0 +1,108 @@
+"""The method as a TrainHook on the one training loop: HSW gradient surgery steered by the Thermostat.
+
+Before optimizer step t the Thermostat may measure drift on the next probe batch (student forward
+under no_grad, eval mode, training dtype) and update (beta, gamma); the HSW hooks then use them
+for every micro-batch of step t. All of it — coefficients, drift baseline and history, warmup
+progress, probe position — is in the checkpoint's method slot, so resumed runs are bit-exact.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from steadyvla.config import ConfigError, RunConfig
+from steadyvla.data.transforms import ImageTransform
+from steadyvla.method.artifacts import IcsmArtifacts
+from steadyvla.method.hsw import HSWHooks
+from steadyvla.method.icsm import decoder_layers, layer_groups, pooled_instruction_states
+from steadyvla.method.probe import ProbeSet, encode_probe_batch
+from steadyvla.method.thermostat import Thermostat, ThermostatSettings, broadcast_coefficients
+from steadyvla.model.presets import get_preset
+from steadyvla.model.prompt import PromptBuilder
+from steadyvla.train.hooks import TrainHook
+
+
+class MethodHook(TrainHook):
+    """ICSM + HSW + Thermostat, plugged into the shared loop."""
+
+    name = "method"
+
+    def __init__(self, cfg: RunConfig, model: torch.nn.Module, tokenizer, artifacts: IcsmArtifacts, probe: ProbeSet,
+                 device: torch.device):
+        groups = layer_groups(cfg.hsw_layer_ids, len(decoder_layers(model)))
+        if groups != artifacts.groups:
+            raise ConfigError(f"config field `hsw_layer_ids`: layer groups {groups} differ from the ICSM artifacts' "
+                              f"{artifacts.groups}; rebuild them or use another `icms_artifact_dir`")
+        self.model = model
+        self.device = device
+        self.probe = probe
+        self.probe_batch_size = cfg.probe_batch_size
+        self.representatives = [g[-1] for g in groups]
+        self.teacher_cov = {r: artifacts.tensors[r]["C_T"].to(device) for r in self.representatives}
+        self.prompt_builder = PromptBuilder(tokenizer, cfg.prompt_template)
+        self.transform = ImageTransform(get_preset(cfg.model_preset), image_aug=False, seed=cfg.seed)
+        self.pad_token_id = int(tokenizer.pad_token_id)
+        layers = decoder_layers(model)
+        hooked = [i for g in groups for i in g]
+        subspaces = {str(i): (artifacts.tensors[artifacts.representative(i)]["U_f"],
+                              artifacts.tensors[artifacts.representative(i)]["U_p"]) for i in hooked}
+        self.hsw = HSWHooks({str(i): layers[i] for i in hooked}, subspaces, eps=cfg.hsw_eps)
+        self.hsw.attach()
+        self.thermostat = Thermostat(ThermostatSettings.from_config(cfg), beta0=cfg.hsw_beta, gamma0=cfg.hsw_gamma)
+        self.probe_position = 0
+        self.last_drift: float | None = None
+
+    @torch.no_grad()
+    def measure_drift(self) -> float:
+        """d = ||C_S - C_T||_F on the next probe batch, averaged over representative layers."""
+        indices = self.probe.indices_at(self.probe_position, self.probe_batch_size)
+        self.probe_position = (self.probe_position + self.probe_batch_size) % len(self.probe)
+        batch = encode_probe_batch(self.probe, indices, self.prompt_builder, self.transform,
+                                   self.model.get_base_model().num_patches, self.pad_token_id)
+        was_training = self.model.training
+        self.model.eval()  # no dropout: the probe must not draw from the training RNG
+        try:
+            pooled, valid = pooled_instruction_states(self.model, batch, self.representatives, self.device)
+        finally:
+            self.model.train(was_training)
+        drifts = []
+        for r in self.representatives:
+            x = pooled[r][valid].double()
+            xc = x - x.mean(dim=0)
+            cov = (xc.T @ xc / max(1, x.shape[0] - 1)).float()
+            drifts.append(torch.linalg.matrix_norm(cov - self.teacher_cov[r]).item())
+        return sum(drifts) / len(drifts)
+
+    def on_step_start(self, step: int) -> None:
+        if self.thermostat.should_measure(step):
+            self.last_drift = self.measure_drift()
+            self.thermostat.observe(step, self.last_drift)
+            self.thermostat.beta, self.thermostat.gamma = broadcast_coefficients(self.thermostat.beta,
+                                                                                 self.thermostat.gamma)
+        self.hsw.beta, self.hsw.gamma = self.thermostat.beta, self.thermostat.gamma
+
+    def on_step_end(self, step: int) -> dict[str, float]:
+        g_norm, gprime_norm = self.hsw.pop_norms()
+        metrics = {"hsw_beta": self.hsw.beta, "hsw_gamma": self.hsw.gamma, "hsw_g_norm": g_norm,
+                   "hsw_gprime_norm": gprime_norm}
+        if self.last_drift is not None:
+            metrics["drift_d"] = self.last_drift
+        return metrics
+
+    def state_dict(self) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+        return {}, {"thermostat": self.thermostat.state_dict(), "probe_position": self.probe_position,
+                    "last_drift": self.last_drift, "probe_sha256": self.probe.digest()}
+
+    def load_state_dict(self, tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> None:
+        if not meta:
+            raise ConfigError("config field `method_enabled`: true, but the checkpoint has no method state "
+                              "(it was written by a baseline run)")
+        if meta.get("probe_sha256") != self.probe.digest():
+            raise ConfigError("the probe set differs from the one this checkpoint's run used "
+                              f"(sha256 {meta.get('probe_sha256')} vs {self.probe.digest()})")
+        self.thermostat.load_state_dict(meta["thermostat"])
+        self.probe_position = int(meta["probe_position"])
+        self.last_drift = meta["last_drift"]
+        self.hsw.beta, self.hsw.gamma = self.thermostat.beta, self.thermostat.gamma
