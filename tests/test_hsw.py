@@ -73,7 +73,7 @@ def test_dimension_mismatch_raises():
         hsw_transform(torch.randn(3, 7), U_f, U_p, beta=0.5, gamma=0.5, eps=1e-6)
 
 
-@settings(max_examples=150, deadline=None)
+@settings(max_examples=100, deadline=None)
 @given(
     batch=st.integers(1, 3),
     tokens=st.integers(1, 4),
@@ -100,7 +100,8 @@ def test_norm_never_grows(batch, tokens, dim, rank_fractions, beta, gamma, eps, 
         g = torch.randn(batch, tokens, r_p, generator=gen) @ U_p.T
     else:
         g = torch.randn(batch, tokens, dim, generator=gen) * 0.1
-        g = g + torch.randn(batch, tokens, r_f, generator=gen) @ U_f.T + torch.randn(batch, tokens, r_p, generator=gen) @ U_p.T
+        g = g + torch.randn(batch, tokens, r_f, generator=gen) @ U_f.T
+        g = g + torch.randn(batch, tokens, r_p, generator=gen) @ U_p.T
     g = g * 10.0**log_scale
     out = hsw_transform(g, U_f, U_p, beta, gamma, eps)
     assert out.shape == g.shape and out.dtype == g.dtype
@@ -141,18 +142,18 @@ class TupleLayer(nn.Module):
 
 
 class TinyStack(nn.Module):
-    def __init__(self, use_checkpoint: bool = False) -> None:
+    def __init__(self, checkpoint_mode: str | None = None) -> None:
         super().__init__()
         self.inp = nn.Linear(D, D)
         self.low = TupleLayer()  # hooked, tuple output
         self.mid = nn.Linear(D, D)  # hooked, tensor output
         self.head = nn.Linear(D, 1)
-        self.use_checkpoint = use_checkpoint
+        self.checkpoint_mode = checkpoint_mode  # None, "reentrant" or "non_reentrant"
 
     def lower(self, x: torch.Tensor) -> torch.Tensor:
         h = self.inp(x)
-        if self.use_checkpoint:
-            return checkpoint(lambda t: self.low(t)[0], h, use_reentrant=False)
+        if self.checkpoint_mode is not None:
+            return checkpoint(lambda t: self.low(t)[0], h, use_reentrant=self.checkpoint_mode == "reentrant")
         return self.low(h)[0]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -325,9 +326,10 @@ def test_no_grad_forward_is_skipped():
     assert hooks.pop_norms() == (0.0, 0.0)
 
 
-def test_non_reentrant_checkpointing_applies_surgery_once():
+@pytest.mark.parametrize("mode", ["non_reentrant", "reentrant"])
+def test_activation_checkpointing_applies_surgery_once(mode):
     x = torch.randn(3, 4, D)
-    plain, ckpt = make_stack(), make_stack(use_checkpoint=True)
+    plain, ckpt = make_stack(), make_stack(checkpoint_mode=mode)
     results = []
     for model in (plain, ckpt):
         hooks = hooks_for(model)

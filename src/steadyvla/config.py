@@ -37,6 +37,7 @@ NO_OP_KEYS: dict[str, str] = {
 RESUME_CRITICAL_FIELDS: tuple[str, ...] = (
     "model_preset",
     "vla_path",
+    "tokenizer_path",
     "use_lora",
     "lora_rank",
     "lora_alpha",
@@ -88,7 +89,8 @@ class RunConfig:
 
     # --- model
     model_preset: str = "tiny"  # tiny | openvla-7b
-    vla_path: str | None = None  # local HF dir with OpenVLA weights; None = random init of the preset
+    vla_path: str | None = None  # local OpenVLA HF dir (weights + tokenizer); None = random init of the preset
+    tokenizer_path: str | None = None  # tokenizer dir for a random-init preset other than tiny (e.g. Llama-2)
     dtype: str = "float32"  # parameter/compute dtype for training
     # --- data
     data_root_dir: str = "demo_data"

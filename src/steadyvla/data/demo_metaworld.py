@@ -12,6 +12,7 @@ The GL backend must be chosen before mujoco is imported; see `select_gl_backend`
 
 from __future__ import annotations
 
+import importlib
 import inspect
 import json
 import os
@@ -178,7 +179,7 @@ def _episodes(tasks: Sequence[str], episodes_per_task: int, image_size: int, see
               max_steps: int, camera_name: str, backend: str, progress: bool) -> Iterator[Episode]:
     install = "the demo dataset needs MetaWorld and MuJoCo: pip install 'steadyvla[demo]'"
     try:
-        import mujoco  # noqa: F401  (importing it loads the GL backend named by MUJOCO_GL)
+        importlib.import_module("mujoco")  # loads the GL backend named by MUJOCO_GL
     except ModuleNotFoundError as e:
         raise ImportError(f"{install} ({e})") from e
     except Exception as e:  # a missing GL library surfaces here, as ImportError or OSError

@@ -54,12 +54,14 @@ def model_digest(model: torch.nn.Module) -> str:
 
 
 @torch.no_grad()
-def build_icsm(cfg: RunConfig, training_source, log: Callable[[str], None] = print) -> Path:
-    """Compute U_f, U_p, mu, C_T per representative layer from the frozen teacher; write them."""
+def build_icsm(cfg: RunConfig, training_source, log: Callable[[str], None] = print,
+               probe: ProbeSet | None = None) -> Path:
+    """Compute U_f, U_p, mu, C_T per representative layer from the frozen teacher; write them.
+    The probe set is the config's (`load_probe`) unless one is passed in."""
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     tokenizer = load_tokenizer(cfg)
-    teacher = build_vla(cfg, tokenizer).to(device).eval()
-    probe = load_probe(cfg, training_source)
+    teacher = build_vla(cfg, tokenizer, device).eval()
+    probe = probe if probe is not None else load_probe(cfg, training_source)
     groups = layer_groups(cfg.hsw_layer_ids, len(decoder_layers(teacher)))
     reps = [g[-1] for g in groups]
     builder = PromptBuilder(tokenizer, cfg.prompt_template)

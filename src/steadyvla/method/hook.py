@@ -18,7 +18,7 @@ from steadyvla.method.artifacts import IcsmArtifacts
 from steadyvla.method.hsw import HSWHooks
 from steadyvla.method.icsm import decoder_layers, layer_groups, pooled_instruction_states
 from steadyvla.method.probe import ProbeSet, encode_probe_batch
-from steadyvla.method.thermostat import Thermostat, ThermostatSettings, broadcast_coefficients
+from steadyvla.method.thermostat import Thermostat, ThermostatSettings, broadcast_from_rank0
 from steadyvla.model.presets import get_preset
 from steadyvla.model.prompt import PromptBuilder
 from steadyvla.train.hooks import TrainHook
@@ -77,10 +77,9 @@ class MethodHook(TrainHook):
 
     def on_step_start(self, step: int) -> None:
         if self.thermostat.should_measure(step):
-            self.last_drift = self.measure_drift()
+            # rank 0's drift drives every rank, so all ranks hold the same Thermostat state
+            (self.last_drift,) = broadcast_from_rank0([self.measure_drift()])
             self.thermostat.observe(step, self.last_drift)
-            self.thermostat.beta, self.thermostat.gamma = broadcast_coefficients(self.thermostat.beta,
-                                                                                 self.thermostat.gamma)
         self.hsw.beta, self.hsw.gamma = self.thermostat.beta, self.thermostat.gamma
 
     def on_step_end(self, step: int) -> dict[str, float]:

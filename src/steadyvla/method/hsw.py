@@ -35,9 +35,10 @@ Parallel and accumulation behaviour:
   forward produces full [B_local, T, D] hidden states, so the hooks see full hidden vectors and the
   surgery is the same as under DDP. Register the hooks on the decoder-layer modules themselves
   (for FSDP1 the inner module a FullyShardedDataParallel unit wraps), which FSDP leaves in place.
-- Activation checkpointing: with non-reentrant checkpointing the recomputed forward registers a
-  hook on a tensor that is never back-propagated through, so the surgery is applied once, as
-  without checkpointing. Reentrant checkpointing is not supported.
+- Activation checkpointing of the hooked layers: the surgery is applied once per backward, as
+  without checkpointing. Non-reentrant: the recomputed forward registers a hook on a tensor that
+  is never back-propagated through. Reentrant: the original forward runs without grad (skipped)
+  and the recomputation's hook fires in the inner backward.
 
 The projection is computed in float32 (or float64 for float64 gradients) and the result is cast
 back to the gradient's dtype.
@@ -69,7 +70,8 @@ def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.promote_types(dtype, torch.float32)
 
 
-def _surgery(g: Tensor, basis: Tensor, r_f: int, beta: float, gamma: float, eps: float) -> tuple[Tensor, Tensor, Tensor]:
+def _surgery(g: Tensor, basis: Tensor, r_f: int, beta: float, gamma: float,
+             eps: float) -> tuple[Tensor, Tensor, Tensor]:
     """(g', ‖g‖², ‖g'‖²) in the basis' dtype; the squared norms are summed over all vectors.
 
     Uses g' = g + (γ−1)·g_f + (β−1)·g_p, which equals g_n + β·g_p + γ·g_f and needs a single

@@ -18,18 +18,24 @@ LORA_EXCLUDED_MODULES = ["language_model.lm_head"]
 
 
 def load_tokenizer(cfg: RunConfig):
-    """Tokenizer from `vla_path` (a real OpenVLA dir) or the one shipped for the tiny preset."""
+    """Tokenizer from `tokenizer_path`, or the one shipped for the tiny preset (`vla_path` weights
+    loading is not available yet and is refused rather than silently ignored)."""
     if cfg.vla_path:
-        path = Path(cfg.vla_path)
+        raise ConfigError(
+            f"config field `vla_path`: {cfg.vla_path!r}: loading OpenVLA weights is not available yet (it comes with "
+            "the OpenVLA checkpoint I/O work); set `vla_path: null` to train the preset from random init"
+        )
+    if cfg.tokenizer_path:
+        path = Path(cfg.tokenizer_path)
         if not path.is_dir():
-            raise ConfigError(f"config field `vla_path`: {cfg.vla_path!r} is not a directory")
+            raise ConfigError(f"config field `tokenizer_path`: {cfg.tokenizer_path!r} is not a directory")
         tok = AutoTokenizer.from_pretrained(str(path))
     elif cfg.model_preset == "tiny":
         tok = AutoTokenizer.from_pretrained(str(tiny_tokenizer_dir()))
     else:
         raise ConfigError(
-            f"config field `vla_path`: required for model_preset {cfg.model_preset!r} (a local OpenVLA directory "
-            "holding the tokenizer files); only `tiny` ships its own tokenizer"
+            f"config field `tokenizer_path`: required for model_preset {cfg.model_preset!r} (a local directory with "
+            "the Llama-2 tokenizer files, e.g. tokenizer.model); only `tiny` ships its own tokenizer"
         )
     if tok.pad_token_id is None:
         tok.add_special_tokens({"pad_token": "<PAD>"})
@@ -41,10 +47,12 @@ def action_tokenizer_for(tokenizer) -> ActionTokenizer:
     return ActionTokenizer(vocab_end=int(tokenizer.vocab_size))
 
 
-def build_vla(cfg: RunConfig, tokenizer) -> VLA:
-    """The VLA with deterministic random init from `cfg.seed` (weights from vla_path come later)."""
+def build_vla(cfg: RunConfig, tokenizer, device: torch.device | str = "cpu") -> VLA:
+    """The VLA with deterministic random init from `cfg.seed`, built directly on `device` (a 7B
+    model initialised on the CPU takes minutes and 30 GB of host RAM)."""
     torch.manual_seed(cfg.seed)
-    model = VLA(get_preset(cfg.model_preset), vocab_size=len(tokenizer), pad_token_id=int(tokenizer.pad_token_id))
+    with torch.device(device):
+        model = VLA(get_preset(cfg.model_preset), vocab_size=len(tokenizer), pad_token_id=int(tokenizer.pad_token_id))
     return model.to(dtype=getattr(torch, cfg.dtype))
 
 

@@ -43,17 +43,19 @@ def open_training_data(cfg: RunConfig, log: Callable[[str], None] = say) -> Fram
     from steadyvla.data.registry import open_frame_source
 
     root = Path(cfg.data_root_dir) / cfg.dataset_name
-    if not root.exists():
-        if cfg.dataset_name != DEMO_DATASET_NAME:
-            raise ConfigError(
-                f"config fields `data_root_dir`/`dataset_name`: {root} does not exist (expected a LeRobot v3 "
-                f"dataset or an RLDS builder dir there; dataset_name {DEMO_DATASET_NAME!r} generates the demo)"
-            )
+    if cfg.dataset_name == DEMO_DATASET_NAME:
         from steadyvla.data.demo_metaworld import ensure_demo_dataset
 
-        log(f"{root} is missing: generating the MetaWorld demo dataset once (cached for later runs)")
+        if not root.exists():
+            log(f"{root} is missing: generating the MetaWorld demo dataset once (cached for later runs)")
+        # reuses the cached dataset when its settings match, regenerates it when they changed
         ensure_demo_dataset(root, episodes_per_task=cfg.demo_episodes_per_task, image_size=cfg.demo_image_size,
                             seed=cfg.seed)
+    elif not root.exists():
+        raise ConfigError(
+            f"config fields `data_root_dir`/`dataset_name`: {root} does not exist (expected a LeRobot v3 "
+            f"dataset or an RLDS builder dir there; dataset_name {DEMO_DATASET_NAME!r} generates the demo)"
+        )
     return open_frame_source(Path(cfg.data_root_dir), cfg.dataset_name, image_key=cfg.image_key)
 
 
@@ -101,7 +103,7 @@ def finetune(cfg: RunConfig, log: Callable[[str], None] = say) -> LoopResult:
 
     tokenizer = load_tokenizer(cfg)
     action_tokenizer = action_tokenizer_for(tokenizer)
-    model = wrap_lora(build_vla(cfg, tokenizer), cfg).to(device)
+    model = wrap_lora(build_vla(cfg, tokenizer, device), cfg)
     optimizer = build_optimizer(model, cfg)
     scheduler = build_scheduler(optimizer, cfg)
     hooks: list[TrainHook] = []
