@@ -32,6 +32,15 @@ def resize_image(image: np.ndarray, size: int) -> torch.Tensor:
     return torch.from_numpy(np.asarray(resized).copy()).permute(2, 0, 1).float().div_(255.0)
 
 
+def adjust_contrast(image: torch.Tensor, factor: float) -> torch.Tensor:
+    """Blend with the mean grey level (as torchvision), but with the mean reduced by NumPy in
+    float64: torch splits large reductions across threads, so the result would depend on how many
+    threads the process has (a DataLoader worker has one) and augmentation would not be
+    reproducible bit for bit."""
+    mean = float(np.mean(TF.rgb_to_grayscale(image).numpy(), dtype=np.float64))
+    return (factor * image + (1.0 - factor) * mean).clamp_(0.0, 1.0)
+
+
 def augment(image: torch.Tensor, rng: np.random.Generator) -> torch.Tensor:
     """OpenVLA-style augmentation of a float [3, S, S] image with parameters drawn from `rng`."""
     size = image.shape[-1]
@@ -39,7 +48,7 @@ def augment(image: torch.Tensor, rng: np.random.Generator) -> torch.Tensor:
     top, left = (int(v) for v in rng.integers(0, size - side + 1, size=2))
     image = TF.resized_crop(image, top, left, side, side, [size, size], antialias=True)
     image = (image + float(rng.uniform(-BRIGHTNESS_DELTA, BRIGHTNESS_DELTA))).clamp_(0.0, 1.0)
-    image = TF.adjust_contrast(image, float(rng.uniform(*CONTRAST_RANGE)))
+    image = adjust_contrast(image, float(rng.uniform(*CONTRAST_RANGE)))
     image = TF.adjust_saturation(image, float(rng.uniform(*SATURATION_RANGE)))
     image = TF.adjust_hue(image, float(rng.uniform(-HUE_DELTA, HUE_DELTA)))
     return image.clamp_(0.0, 1.0)
