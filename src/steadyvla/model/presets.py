@@ -60,6 +60,9 @@ PRESETS: dict[str, VLAPreset] = {
         llm=dict(
             hidden_size=96, intermediate_size=192, num_hidden_layers=4, num_attention_heads=4,
             num_key_value_heads=4, max_position_embeddings=256, rms_norm_eps=1e-6,
+            # larger than Llama's 0.02: the LM head is frozen under LoRA and, after RMSNorm, a 0.02 head
+            # caps logits near +-2, too flat for the loss to fall in a short demo
+            initializer_range=0.1,
         ),
     ),
     "openvla-7b": VLAPreset(
