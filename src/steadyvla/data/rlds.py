@@ -26,6 +26,7 @@ from typing import Any
 import numpy as np
 
 from steadyvla.data.frames import Frame
+from steadyvla.optional import require
 
 # Defaults that fit Open-X / LIBERO-style RLDS; the first key present in features.json wins.
 DEFAULT_IMAGE_KEYS = ("observation/image", "observation/image_primary", "observation/agentview_rgb")
@@ -37,13 +38,7 @@ _FLOAT_DTYPES = {"float16", "bfloat16", "float32", "float64"}
 
 
 def _example_pb2() -> Any:
-    try:
-        from tfrecord import example_pb2
-    except ImportError as exc:  # pragma: no cover - depends on the environment
-        raise ImportError(
-            "reading RLDS needs `tfrecord` and `protobuf`: pip install 'steadyvla[rlds]'"
-        ) from exc
-    return example_pb2
+    return require("tfrecord.example_pb2", extra="rlds", purpose="reading RLDS (tfrecord + protobuf)")
 
 
 # ---------------------------------------------------------------- TFRecord framing

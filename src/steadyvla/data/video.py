@@ -17,6 +17,8 @@ from typing import Any
 
 import numpy as np
 
+from steadyvla.optional import require
+
 # Tried in order when no codec is named: h264 decodes everywhere; AV1 is what LeRobot writes.
 PREFERRED_CODECS: tuple[str, ...] = ("libx264", "libsvtav1", "libaom-av1", "mpeg4")
 
@@ -28,13 +30,7 @@ _containers_pid: int | None = None
 
 
 def _import_av() -> Any:
-    try:
-        import av
-    except ImportError as exc:  # pragma: no cover - depends on the environment
-        raise ImportError(
-            "reading or writing video needs PyAV: pip install 'steadyvla[video]' (package `av`)"
-        ) from exc
-    return av
+    return require("av", extra="video", purpose="reading or writing video (PyAV)")
 
 
 def available_codec(preferred: tuple[str, ...] = PREFERRED_CODECS) -> str:
