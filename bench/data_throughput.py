@@ -133,21 +133,21 @@ def episode_lengths(frames: int, length: int) -> list[int]:
 
 def write_lerobot(root: Path, frames: int, pool: FramePool) -> Path:
     """A LeRobot v3 dataset with inline PNGs, written by steadyvla's own writer."""
-    from steadyvla.data import lerobot
+    from steadyvla.data import lerobot_writer
 
-    def episodes() -> Iterator[lerobot.Episode]:
+    def episodes() -> Iterator[lerobot_writer.Episode]:
         for e, n in enumerate(episode_lengths(frames, pool.length)):
             images, states, actions, task = episode_arrays(pool, e, n)
-            yield lerobot.Episode(images=images, states=states, actions=actions, task=task)
+            yield lerobot_writer.Episode(images=images, states=states, actions=actions, task=task)
 
-    encode = getattr(lerobot, "_png", None)
+    encode = getattr(lerobot_writer, "_png", None)
     if encode is not None:  # the writer's own encoder, memoised: a pool frame is encoded once
-        lerobot._png = pool.png
+        lerobot_writer._png = pool.png
     try:
-        return lerobot.write_lerobot_dataset(root, episodes(), fps=10, robot_type="synthetic")
+        return lerobot_writer.write_lerobot_dataset(root, episodes(), fps=10, robot_type="synthetic")
     finally:
         if encode is not None:
-            lerobot._png = encode
+            lerobot_writer._png = encode
 
 
 def _tensor_spec(dims: list[int], dtype: str) -> dict[str, Any]:

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import numpy as np
 
-from steadyvla.data.lerobot import Episode, write_lerobot_dataset
+from steadyvla.data.lerobot_writer import Episode, write_lerobot_dataset
 
 TASKS = ("push the red block", "open the green drawer", "press the blue button")
 COLOURS = ((200, 40, 40), (40, 200, 40), (40, 40, 200))

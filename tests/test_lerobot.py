@@ -13,12 +13,8 @@ import pyarrow.parquet as pq
 import pytest
 
 from steadyvla.data.frames import Frame
-from steadyvla.data.lerobot import (
-    Episode,
-    LeRobotFrames,
-    is_lerobot_dataset,
-    write_lerobot_dataset,
-)
+from steadyvla.data.lerobot import LeRobotFrames, is_lerobot_dataset
+from steadyvla.data.lerobot_writer import Episode, write_lerobot_dataset
 
 TASKS = ["pick up the cube", "open the drawer", "pick up the cube"]
 LENGTHS = [5, 41, 9]

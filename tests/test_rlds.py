@@ -15,7 +15,9 @@ from PIL import Image  # noqa: E402
 from tfrecord.writer import TFRecordWriter  # noqa: E402
 
 from steadyvla.data.registry import describe_dataset, detect_format, open_frame_source  # noqa: E402
-from steadyvla.data.rlds import RLDSFrames, iter_tfrecord, read_features  # noqa: E402
+from steadyvla.data.rlds import RLDSFrames  # noqa: E402
+from steadyvla.data.rlds_features import read_features  # noqa: E402
+from steadyvla.data.tfrecord_io import iter_tfrecord  # noqa: E402
 
 NAME, H, W, A, S = "toy_rlds", 12, 16, 7, 4
 TENSOR = "tensorflow_datasets.core.features.tensor_feature.Tensor"
@@ -293,12 +295,12 @@ def test_registry_errors_name_the_problem(toy: tuple[Path, list[dict]], tmp_path
 
 
 def test_registry_detects_lerobot(tmp_path: Path) -> None:
-    lerobot = pytest.importorskip("steadyvla.data.lerobot", reason="LeRobot reader not written yet")
-    if not hasattr(lerobot, "write_lerobot_dataset"):
-        pytest.skip("steadyvla.data.lerobot has no write_lerobot_dataset yet")
+    lerobot_writer = pytest.importorskip(
+        "steadyvla.data.lerobot_writer", reason="LeRobot writer not written yet"
+    )
     rng = np.random.default_rng(3)
     episodes = [
-        lerobot.Episode(
+        lerobot_writer.Episode(
             images=rng.integers(0, 256, (4, 16, 16, 3), dtype=np.uint8),
             states=rng.normal(size=(4, 3)).astype(np.float32),
             actions=rng.normal(size=(4, A)).astype(np.float32),
@@ -306,7 +308,7 @@ def test_registry_detects_lerobot(tmp_path: Path) -> None:
         )
         for _ in range(2)
     ]
-    lerobot.write_lerobot_dataset(tmp_path / "toy_lerobot", episodes, fps=10, robot_type="toy")
+    lerobot_writer.write_lerobot_dataset(tmp_path / "toy_lerobot", episodes, fps=10, robot_type="toy")
     assert detect_format(tmp_path / "toy_lerobot") == "lerobot"
     src = open_frame_source(tmp_path, "toy_lerobot")
     assert len(src) == 8 and src.num_episodes == 2

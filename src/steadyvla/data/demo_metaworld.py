@@ -25,7 +25,8 @@ from typing import Any
 
 import numpy as np
 
-from steadyvla.data.lerobot import Episode, is_lerobot_dataset, write_lerobot_dataset
+from steadyvla.data.lerobot import is_lerobot_dataset
+from steadyvla.data.lerobot_writer import Episode, write_lerobot_dataset
 
 # Instructions are lower-case with no final period: prompts embed them as
 # "What action should the robot take to {instruction}?".

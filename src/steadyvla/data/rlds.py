@@ -8,17 +8,16 @@ One streaming pass builds a small index — (shard, byte offset, length, first s
 per episode — plus the actions (needed for statistics anyway). Random access to a frame reads
 and parses only that episode's record, and only the last parsed record is kept, so host memory
 is bounded by one episode whatever the dataset size: there is no shuffle buffer.
+
+TFRecord framing and record parsing are in `steadyvla.data.tfrecord_io`; features.json
+parsing, value decoding and key resolution in `steadyvla.data.rlds_features`.
 """
 
 from __future__ import annotations
 
-import io
 import json
 import re
-import struct
-import zlib
-from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+from collections.abc import Sequence
 from itertools import pairwise
 from pathlib import Path
 from typing import Any
@@ -26,7 +25,14 @@ from typing import Any
 import numpy as np
 
 from steadyvla.data.frames import Frame
-from steadyvla.optional import require
+from steadyvla.data.rlds_features import (
+    decode_image,
+    decode_tensor,
+    pick_action_features,
+    pick_feature,
+    read_features,
+)
+from steadyvla.data.tfrecord_io import Record, iter_tfrecord, read_record
 
 # Defaults that fit Open-X / LIBERO-style RLDS; the first key present in features.json wins.
 DEFAULT_IMAGE_KEYS = ("observation/image", "observation/image_primary", "observation/agentview_rgb")
@@ -34,125 +40,6 @@ DEFAULT_ACTION_KEYS = ("action",)
 DEFAULT_INSTRUCTION_KEYS = ("language_instruction", "observation/natural_language_instruction")
 
 _SHARD_RE = re.compile(r"-(?P<split>[^-/]+)\.tfrecord-(?P<i>\d{5})-of-(?P<n>\d{5})$")
-_FLOAT_DTYPES = {"float16", "bfloat16", "float32", "float64"}
-
-
-def _example_pb2() -> Any:
-    return require("tfrecord.example_pb2", extra="rlds", purpose="reading RLDS (tfrecord + protobuf)")
-
-
-# ---------------------------------------------------------------- TFRecord framing
-
-
-def _masked_crc(data: bytes) -> int:
-    import crc32c  # installed with tfrecord; only needed when verifying
-
-    crc = crc32c.crc32c(data)
-    return ((((crc >> 15) | (crc << 17)) & 0xFFFFFFFF) + 0xA282EAD8) & 0xFFFFFFFF
-
-
-def iter_tfrecord(path: Path, verify_crc: bool = False) -> Iterator[tuple[int, bytes]]:
-    """Yield (byte offset of the payload, payload) for every record of a TFRecord file.
-
-    Framing: u64 length, u32 masked crc32c of the length, payload, u32 masked crc32c of payload.
-    """
-    with open(path, "rb", buffering=1 << 20) as f:
-        pos = 0
-        while True:
-            head = f.read(12)
-            if not head:
-                return
-            if len(head) < 12:
-                raise ValueError(f"{path}: truncated record header at byte {pos}")
-            (length,) = struct.unpack("<Q", head[:8])
-            payload, tail = f.read(length), f.read(4)
-            if len(payload) < length or len(tail) < 4:
-                raise ValueError(f"{path}: truncated record at byte {pos}: expected {length} bytes")
-            if verify_crc and (
-                struct.unpack("<I", head[8:])[0] != _masked_crc(head[:8])
-                or struct.unpack("<I", tail)[0] != _masked_crc(payload)
-            ):
-                raise ValueError(f"{path}: CRC mismatch in the record at byte {pos}")
-            yield pos + 12, payload
-            pos += 16 + length
-
-
-def read_record(path: Path, offset: int, length: int) -> bytes:
-    """Read one record payload at a known byte offset (from `iter_tfrecord`)."""
-    with open(path, "rb") as f:
-        f.seek(offset)
-        payload = f.read(length)
-    if len(payload) != length:
-        raise ValueError(
-            f"{path}: record at byte {offset} is truncated (file changed since indexing?)"
-        )
-    return payload
-
-
-# ---------------------------------------------------------------- features.json
-
-
-@dataclass(frozen=True)
-class FeatureSpec:
-    """One leaf of a TFDS FeaturesDict: where it lives and how it is serialized."""
-
-    key: str  # full "/"-joined path, e.g. "steps/observation/image"
-    kind: str  # "image" | "tensor" | "text" | "other"
-    dtype: str
-    shape: tuple[int, ...]
-    encoding: str  # tensor: none|bytes|zlib; image: png|jpeg|...
-
-    def describe(self) -> str:
-        """One line such as `image uint8 [256, 256, 3] jpeg`."""
-        extra = "" if self.encoding in ("", "none") else f" {self.encoding}"
-        return f"{self.kind} {self.dtype} {list(self.shape)}{extra}".rstrip()
-
-
-def _flatten_spec(node: dict[str, Any], prefix: str, out: dict[str, FeatureSpec]) -> None:
-    if "featuresDict" in node:
-        for name, child in node["featuresDict"].get("features", {}).items():
-            _flatten_spec(child, f"{prefix}/{name}" if prefix else name, out)
-        return
-    if "sequence" in node:
-        if "/" not in prefix:  # the top-level Dataset of steps: its leaves are stacked per step
-            _flatten_spec(node["sequence"]["feature"], prefix, out)
-        else:  # a sequence inside a step is ragged; not something a frame needs
-            out[prefix] = FeatureSpec(prefix, "other", "", (), "sequence")
-        return
-    if "image" in node:
-        info = node["image"]
-        dims = tuple(int(d) for d in info.get("shape", {}).get("dimensions", []))
-        out[prefix] = FeatureSpec(
-            prefix, "image", info.get("dtype", "uint8"), dims, info.get("encodingFormat", "png")
-        )
-    elif "text" in node:
-        out[prefix] = FeatureSpec(prefix, "text", "string", (), "")
-    elif "tensor" in node:
-        info = node["tensor"]
-        dims = tuple(int(d) for d in info.get("shape", {}).get("dimensions", []))
-        dtype = info.get("dtype", "float32")
-        kind = "text" if dtype == "string" and not dims else "tensor"
-        out[prefix] = FeatureSpec(prefix, kind, dtype, dims, info.get("encoding", "none"))
-    elif "classLabel" in node:
-        out[prefix] = FeatureSpec(prefix, "tensor", "int64", (), "none")
-    else:
-        out[prefix] = FeatureSpec(prefix, "other", "", (), "")
-
-
-def read_features(path: Path) -> tuple[str, dict[str, FeatureSpec]]:
-    """Parse a TFDS `features.json` into (steps key, {full path: FeatureSpec})."""
-    root = json.loads(Path(path).read_text())
-    steps = [
-        k for k, v in root.get("featuresDict", {}).get("features", {}).items() if "sequence" in v
-    ]
-    if len(steps) != 1:
-        raise ValueError(
-            f"{path}: expected exactly one top-level sequence feature (RLDS `steps`), "
-            f"found {steps or 'none'}"
-        )
-    specs: dict[str, FeatureSpec] = {}
-    _flatten_spec(root, "", specs)
-    return steps[0], specs
 
 
 def resolve_version_dir(builder_dir: Path) -> Path:
@@ -184,62 +71,6 @@ def is_rlds_dataset(path: Path) -> bool:
     except (FileNotFoundError, NotADirectoryError):
         return False
 
-
-# ---------------------------------------------------------------- one record
-
-
-class _Record:
-    """A parsed episode record (Example, or SequenceExample with per-step feature lists)."""
-
-    def __init__(self, payload: bytes) -> None:
-        proto = _example_pb2().SequenceExample.FromString(payload)  # an Example parses as this too
-        self._context = proto.context.feature
-        self._lists = proto.feature_lists.feature_list
-
-    def has(self, key: str) -> bool:
-        return key in self._context or key in self._lists
-
-    def values(self, key: str) -> Sequence[Any]:
-        """The flat list of values of `key`, concatenated over steps for feature lists."""
-        if key in self._context:
-            return _feature_values(self._context[key])
-        if key in self._lists:
-            return [v for f in self._lists[key].feature for v in _feature_values(f)]
-        raise KeyError(key)
-
-
-def _feature_values(feature: Any) -> Sequence[Any]:
-    kind = feature.WhichOneof("kind")
-    return getattr(feature, kind).value if kind else []
-
-
-def _tensor(spec: FeatureSpec, raw: Sequence[Any], steps: int) -> np.ndarray:
-    """Values of a step tensor feature as an array [steps, *shape]."""
-    dtype = np.dtype("float32" if spec.dtype == "bfloat16" else spec.dtype)
-    if spec.encoding in ("bytes", "zlib"):
-        blobs = [zlib.decompress(b) if spec.encoding == "zlib" else b for b in raw]
-        flat = np.frombuffer(b"".join(blobs), dtype=dtype)
-    else:
-        proto_dtype = np.float32 if spec.dtype in _FLOAT_DTYPES else np.int64
-        flat = np.asarray(raw, dtype=proto_dtype).astype(dtype, copy=False)
-    try:
-        return flat.reshape((steps, *spec.shape))
-    except ValueError:
-        raise ValueError(
-            f"feature {spec.key}: {flat.size} values do not fit shape "
-            f"{[steps, *spec.shape]} (steps x features.json shape)"
-        ) from None
-
-
-def decode_image(data: bytes | np.ndarray) -> np.ndarray:
-    """Decode PNG/JPEG bytes (or pass through a raw array) to [H, W, 3] uint8 RGB."""
-    if isinstance(data, np.ndarray):
-        img = data if data.ndim == 3 else data[..., None]
-        return np.ascontiguousarray(np.broadcast_to(img, img.shape[:2] + (3,)), dtype=np.uint8)
-    from PIL import Image
-
-    with Image.open(io.BytesIO(data)) as im:
-        return np.array(im if im.mode == "RGB" else im.convert("RGB"), dtype=np.uint8)
 
 
 def _segments(
@@ -281,16 +112,22 @@ class RLDSFrames:
         self.version_dir = resolve_version_dir(Path(builder_dir))
         self.name = self.version_dir.parent.name
         self.split = split
-        self.steps_key, self.features = read_features(self.version_dir / "features.json")
+        features_json = self.version_dir / "features.json"
+        self.steps_key, self.features = read_features(features_json)
         info = json.loads((self.version_dir / "dataset_info.json").read_text())
         self.shards, shard_lengths = self._find_shards(info, split)
-        self.image_spec = self._pick(image_key, DEFAULT_IMAGE_KEYS, "image_key", ("image",))
-        self.action_specs = self._pick_actions(action_key)
-        self.instruction_spec = self._pick(
-            instruction_key, DEFAULT_INSTRUCTION_KEYS, "instruction_key", ("text",), required=False
+        specs, steps = self.features, self.steps_key
+        self.image_spec = pick_feature(
+            specs, steps, image_key, DEFAULT_IMAGE_KEYS, "image_key", ("image",),
+            source=features_json,
+        )
+        self.action_specs = pick_action_features(specs, steps, action_key, DEFAULT_ACTION_KEYS)
+        self.instruction_spec = pick_feature(
+            specs, steps, instruction_key, DEFAULT_INSTRUCTION_KEYS, "instruction_key", ("text",),
+            source=features_json, required=False,
         )
         self._verify_crc = verify_crc
-        self._cached: tuple[tuple[int, int], _Record, int] | None = None
+        self._cached: tuple[tuple[int, int], Record, int] | None = None
         self._build_index(shard_lengths)
 
     # -- FrameSource
@@ -315,7 +152,9 @@ class RLDSFrames:
         step = int(self._index[ep, 3]) + offset_in_ep
         spec = self.image_spec
         raw = rec.values(spec.key)
-        image = decode_image(raw[step] if spec.kind == "image" else _tensor(spec, raw, steps)[step])
+        image = decode_image(
+            raw[step] if spec.kind == "image" else decode_tensor(spec, raw, steps)[step]
+        )
         return Frame(
             image=image,
             action=self._actions[index].copy(),
@@ -347,7 +186,7 @@ class RLDSFrames:
                 continue
             raw, key = rec.values(spec.key), spec.key[len(self.steps_key) + 1 :]
             if spec.kind == "tensor":
-                out[key] = _tensor(spec, raw, steps)[a : a + n]
+                out[key] = decode_tensor(spec, raw, steps)[a : a + n]
             elif spec.kind == "text":
                 out[key] = [bytes(b).decode("utf-8", errors="replace") for b in raw[a : a + n]]
             elif spec.kind == "image":
@@ -396,67 +235,8 @@ class RLDSFrames:
         lengths = splits.get(split, {}).get("shardLengths")
         return found, [int(x) for x in lengths] if lengths else None
 
-    def _pick(
-        self,
-        key: str | None,
-        defaults: Sequence[str],
-        field: str,
-        kinds: tuple[str, ...],
-        required: bool = True,
-    ) -> FeatureSpec | None:
-        explicit = key is not None
-        allowed = kinds + (("tensor",) if explicit and field == "image_key" else ())
-        for k in [key] if explicit else defaults:
-            for full in (f"{self.steps_key}/{k}", k):
-                spec = self.features.get(full)
-                if spec is not None and spec.kind in allowed:
-                    return spec
-        in_steps = [
-            s
-            for s in self.features.values()
-            if s.kind in kinds and s.key.startswith(self.steps_key + "/")
-        ]
-        if not explicit and field == "image_key" and in_steps:
-            return in_steps[0]
-        if not explicit and not required:
-            return None
-        valid = [s.key for s in self.features.values() if s.kind in allowed]
-        raise ValueError(
-            f"{field}={key!r}: no {'/'.join(allowed)} feature of that name in "
-            f"{self.version_dir / 'features.json'}; valid: {valid}"
-        )
 
-    def _pick_actions(self, key: str | Sequence[str] | None) -> list[FeatureSpec]:
-        keys = (
-            list(DEFAULT_ACTION_KEYS)
-            if key is None
-            else [key]
-            if isinstance(key, str)
-            else list(key)
-        )
-        specs: list[FeatureSpec] = []
-        for k in keys:
-            full = k if k.startswith(self.steps_key + "/") else f"{self.steps_key}/{k}"
-            leaves = [
-                s
-                for s in self.features.values()
-                if s.kind == "tensor" and (s.key == full or s.key.startswith(full + "/"))
-            ]
-            bad = [s.key for s in leaves if len(s.shape) > 1]
-            if not leaves or bad:
-                valid = [
-                    s.key
-                    for s in self.features.values()
-                    if s.kind == "tensor" and len(s.shape) <= 1
-                ]
-                raise ValueError(
-                    f"action_key={k!r}: {'not a scalar/vector' if bad else 'no'} tensor "
-                    f"feature {bad or full} in features.json; valid: {valid}"
-                )
-            specs.extend(leaves)
-        return specs
-
-    def _num_steps(self, rec: _Record, where: str) -> int:
+    def _num_steps(self, rec: Record, where: str) -> int:
         counts: dict[str, int] = {}
         for spec in self.features.values():
             if (
@@ -488,11 +268,11 @@ class RLDSFrames:
             records = 0
             for offset, payload in iter_tfrecord(path, self._verify_crc):
                 records += 1
-                rec = _Record(payload)
+                rec = Record(payload)
                 steps = self._num_steps(rec, f"{path.name} at byte {offset}")
                 acts = self._record_actions(rec, steps)
                 flags = [
-                    _tensor(self.features[k], rec.values(k), steps).astype(bool)
+                    decode_tensor(self.features[k], rec.values(k), steps).astype(bool)
                     if k in self.features and rec.has(k)
                     else None
                     for k in (f"{self.steps_key}/is_first", f"{self.steps_key}/is_last")
@@ -516,11 +296,13 @@ class RLDSFrames:
         self._instruction_table = list(table)
         self._instruction_ids = ids
 
-    def _record_actions(self, rec: _Record, steps: int) -> np.ndarray:
-        parts = [_tensor(s, rec.values(s.key), steps).reshape(steps, -1) for s in self.action_specs]
+    def _record_actions(self, rec: Record, steps: int) -> np.ndarray:
+        parts = [
+            decode_tensor(s, rec.values(s.key), steps).reshape(steps, -1) for s in self.action_specs
+        ]
         return np.concatenate(parts, axis=1).astype(np.float32)
 
-    def _instruction(self, rec: _Record, step: int) -> str:
+    def _instruction(self, rec: Record, step: int) -> str:
         spec = self.instruction_spec
         if spec is None or not rec.has(spec.key):
             return ""
@@ -532,12 +314,12 @@ class RLDSFrames:
             else ""
         )
 
-    def _record(self, episode: int) -> tuple[_Record, int]:
+    def _record(self, episode: int) -> tuple[Record, int]:
         if not 0 <= episode < self.num_episodes:
             raise IndexError(f"episode {episode} out of range [0, {self.num_episodes})")
         shard, offset, length = (int(x) for x in self._index[episode, :3])
         if self._cached is None or self._cached[0] != (shard, offset):
-            rec = _Record(read_record(self.shards[shard], offset, length))
+            rec = Record(read_record(self.shards[shard], offset, length))
             steps = self._num_steps(rec, f"{self.shards[shard].name} at byte {offset}")
             self._cached = ((shard, offset), rec, steps)
         return self._cached[1], self._cached[2]
