@@ -256,13 +256,19 @@ def test_identity_coefficients_are_bitwise_baseline():
     assert g_norm > 0 and g_norm == gp_norm
 
 
-def test_detach_restores_baseline_gradients():
+def damping_setup():
+    """A stack, an input, its hook-free parameter gradients, and attached damping hooks."""
     model = make_stack()
     x = torch.randn(3, 4, D)
     baseline = param_grads(model, x)
     hooks = hooks_for(model)
     hooks.beta, hooks.gamma = 0.2, 0.0
     hooks.attach()
+    return model, x, baseline, hooks
+
+
+def test_detach_restores_baseline_gradients():
+    model, x, baseline, hooks = damping_setup()
     hooks.attach()  # idempotent: still one hook per module
     changed = param_grads(model, x)
     assert not torch.equal(changed["inp.weight"], baseline["inp.weight"])
@@ -276,12 +282,7 @@ def test_detach_restores_baseline_gradients():
 
 
 def test_detach_between_forward_and_backward_disarms_pending_hooks():
-    model = make_stack()
-    x = torch.randn(3, 4, D)
-    baseline = param_grads(model, x)
-    hooks = hooks_for(model)
-    hooks.beta, hooks.gamma = 0.2, 0.0
-    hooks.attach()
+    model, x, baseline, hooks = damping_setup()
     model.zero_grad(set_to_none=True)
     loss = model(x)
     hooks.detach()

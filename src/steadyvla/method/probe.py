@@ -96,8 +96,7 @@ def encode_probe_batch(probe: ProbeSet, indices: list[int], prompt_builder: Prom
                        transform: ImageTransform, num_patches: int, pad_token_id: int) -> ProbeBatch:
     """Prompt-only inputs (no actions). The instruction span comes from the real tokenization and
     is shifted by `num_patches`, because patch embeddings are inserted right after <BOS>."""
-    prompts = [prompt_builder.prompt_ids(probe.samples[i].instruction) for i in indices]
-    spans = [prompt_builder.instruction_span(probe.samples[i].instruction) for i in indices]
+    prompts, spans = zip(*(prompt_builder.encode_prompt(probe.samples[i].instruction) for i in indices))
     longest = max(len(p) for p in prompts)
     input_ids = torch.full((len(indices), longest), pad_token_id, dtype=torch.long)
     attention = torch.zeros_like(input_ids)

@@ -44,20 +44,15 @@ class PromptBuilder:
         self.bos_id = int(tokenizer.bos_token_id)
         self.eos_id = int(tokenizer.eos_token_id)
 
-    def prompt_ids(self, instruction: str) -> list[int]:
-        """<s> + tokens of the prompt text (no actions, no </s>)."""
-        text = format_prompt(instruction, self.template)
-        return [self.bos_id] + list(self.tokenizer(text, add_special_tokens=False).input_ids)
+    def encode_prompt(self, instruction: str) -> tuple[list[int], tuple[int, int]]:
+        """<s> + tokens of the prompt text (no actions, no </s>), and the token positions
+        [start, end) covered by the instruction, from one tokenization.
 
-    def instruction_span(self, instruction: str) -> tuple[int, int]:
-        """Token positions [start, end) covered by the instruction, found from the real tokenization.
-
-        Uses character offsets of the tokenized prompt, so it is exact for any template and tokenizer
-        that reports offsets; tokens that straddle the boundary count as instruction tokens.
+        The span comes from the character offsets of the real tokenization, so it is exact for any
+        template and (fast) tokenizer; tokens that straddle the boundary count as instruction tokens.
         """
         text = format_prompt(instruction, self.template)
-        prefix = self.template.split("{instruction}")[0]
-        start_char = len(prefix)
+        start_char = len(self.template.split("{instruction}")[0])
         end_char = start_char + len(format_prompt(instruction, "{instruction}"))
         enc = self.tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
         positions = [
@@ -65,15 +60,22 @@ class PromptBuilder:
             for i, (a, b) in enumerate(enc["offset_mapping"])
             if b > start_char and a < end_char and b > a
         ]
-        if not positions:
-            return (0, 0)
-        return (positions[0], positions[-1] + 1)
+        span = (positions[0], positions[-1] + 1) if positions else (0, 0)
+        return [self.bos_id] + list(enc["input_ids"]), span
+
+    def prompt_ids(self, instruction: str) -> list[int]:
+        """<s> + tokens of the prompt text."""
+        return self.encode_prompt(instruction)[0]
+
+    def instruction_span(self, instruction: str) -> tuple[int, int]:
+        """Token positions [start, end) of the instruction in `prompt_ids(instruction)`."""
+        return self.encode_prompt(instruction)[1]
 
     def build(self, instruction: str, action_token_ids: np.ndarray) -> TokenizedSample:
         """Full training sequence; labels cover the action tokens and </s> only."""
-        prompt = self.prompt_ids(instruction)
+        prompt, span = self.encode_prompt(instruction)
         actions = [int(t) for t in action_token_ids]
         input_ids = torch.tensor(prompt + actions + [self.eos_id], dtype=torch.long)
         labels = torch.full_like(input_ids, IGNORE_INDEX)
         labels[len(prompt):] = input_ids[len(prompt):]
-        return TokenizedSample(input_ids, labels, self.instruction_span(instruction))
+        return TokenizedSample(input_ids, labels, span)
