@@ -56,3 +56,12 @@ def test_digest_ignores_harmless_fields():
     a, b = build_config({"max_steps": 10}), build_config({"max_steps": 99, "save_steps": 7})
     assert a.digest() == b.digest()
     assert a.digest() != build_config({"lora_rank": 8}).digest()
+
+
+def test_accepted_but_inactive_settings_are_announced():
+    from steadyvla.train.finetune import unavailable_settings
+
+    notes = unavailable_settings(build_config({"merge_lora_during_training": True, "enable_periodic_eval": True}))
+    assert any("merge_lora_during_training: true is ignored" in n for n in notes)
+    assert any("periodic evaluation is not available yet" in n for n in notes)
+    assert unavailable_settings(build_config({})) == []

@@ -72,6 +72,17 @@ def action_statistics(cfg: RunConfig, source: FrameSource, run_dir: Path, resumi
     return stats[cfg.dataset_name]["action"]
 
 
+def unavailable_settings(cfg: RunConfig) -> list[str]:
+    """Messages for settings the users' configs carry that this version accepts but does not act on."""
+    notes = []
+    if cfg.merge_lora_during_training:
+        notes.append("merge_lora_during_training: true is ignored: merging during training reloads the base "
+                      "model and caused the users' host OOM kills; checkpoints hold the PEFT adapter instead")
+    if cfg.enable_periodic_eval or cfg.early_stopping_patience is not None:
+        notes.append("enable_periodic_eval / early_stopping_*: periodic evaluation is not available yet; ignored")
+    return notes
+
+
 def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed)
@@ -84,6 +95,8 @@ def finetune(cfg: RunConfig, log: Callable[[str], None] = say) -> LoopResult:
     if not cfg.use_lora:
         raise ConfigError("config field `use_lora`: false is full training; use `steadyvla train` for that")
     run_dir = run_dir_for(cfg)
+    for note in unavailable_settings(cfg):
+        log(note)
     plan: ResumePlan = plan_resume(cfg, run_dir, log)  # may raise before anything is written
     changes = config_changes(cfg, plan)
     if plan.checkpoint is not None and plan.step >= cfg.max_steps:
