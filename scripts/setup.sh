@@ -17,5 +17,5 @@ fi
 
 [ -x .venv/bin/python ] || "$PYTHON" -m venv .venv
 echo "[setup] installing steadyvla into .venv (torch, transformers, peft, timm, metaworld, ...)"
-.venv/bin/python -m pip install -q --disable-pip-version-check -e ".[demo,rlds,video,test]"
+.venv/bin/python -m pip install -q --disable-pip-version-check -e ".[demo,rlds,video,llama,test]"
 .venv/bin/python -c "import steadyvla, torch, timm, peft, metaworld; print('[setup] ok: torch', torch.__version__)"

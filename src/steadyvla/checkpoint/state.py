@@ -72,11 +72,11 @@ def restore_optimizer(optimizer: torch.optim.Optimizer, tensors: dict[str, torch
 
 
 def snapshot_rng(rank: int) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-    """RNG states of Python, NumPy, torch CPU and every CUDA device of this rank."""
+    """RNG states of Python, NumPy, torch CPU and this rank's CUDA device (each rank owns one
+    device; touching the others would create a CUDA context on every GPU from every rank)."""
     tensors = {f"{RNG_PREFIX}.rank{rank}.torch_cpu": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        for dev, st in enumerate(torch.cuda.get_rng_state_all()):
-            tensors[f"{RNG_PREFIX}.rank{rank}.cuda{dev}"] = st.cpu()
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        tensors[f"{RNG_PREFIX}.rank{rank}.cuda"] = torch.cuda.get_rng_state().cpu()
     py_version, py_state, py_gauss = random.getstate()
     np_state = np.random.get_state()
     meta = {
@@ -89,10 +89,9 @@ def snapshot_rng(rank: int) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
 def restore_rng(rank: int, tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> None:
     """Inverse of `snapshot_rng` for this rank."""
     torch.set_rng_state(tensors[f"{RNG_PREFIX}.rank{rank}.torch_cpu"])
-    if torch.cuda.is_available():
-        cuda_states = [tensors[k] for k in sorted(tensors) if k.startswith(f"{RNG_PREFIX}.rank{rank}.cuda")]
-        if cuda_states:
-            torch.cuda.set_rng_state_all(cuda_states)
+    cuda_key = f"{RNG_PREFIX}.rank{rank}.cuda"
+    if torch.cuda.is_available() and cuda_key in tensors:
+        torch.cuda.set_rng_state(tensors[cuda_key])
     py_version, py_state, py_gauss = meta["python"]
     random.setstate((py_version, tuple(py_state), py_gauss))
     name, keys, pos, has_gauss, cached = meta["numpy"]

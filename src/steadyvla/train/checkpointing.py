@@ -26,6 +26,7 @@ from steadyvla.checkpoint.state import (
 )
 from steadyvla.config import RunConfig
 from steadyvla.data.sampler import DataPosition
+from steadyvla.distributed import DistEnv, gather_to_all
 from steadyvla.faults import fault_point
 from steadyvla.train.hooks import TrainHook
 from steadyvla.versions import library_versions
@@ -58,13 +59,18 @@ class Snapshot:
     meta: dict[str, Any]
 
 
-def take_snapshot(state: TrainState, cfg: RunConfig, *, rank: int = 0, world_size: int = 1) -> Snapshot:
-    """Copy all state to CPU (blocking part of a save)."""
+def take_snapshot(state: TrainState, cfg: RunConfig, env: DistEnv = DistEnv()) -> Snapshot | None:
+    """Copy all state to CPU (blocking part of a save). Collective: every rank calls it; rank 0
+    gets the snapshot (with every rank's RNG), the others None."""
+    all_rng = gather_to_all(snapshot_rng(env.rank), env)
+    if not env.is_main:
+        return None
     peft_state = get_peft_model_state_dict(state.model, save_embedding_layers=False)
     adapter = {k: cpu_copy(v, f"adapter.{k}") for k, v in peft_state.items()}
     optim_tensors, optim_meta = snapshot_optimizer(state.optimizer)
-    rng_tensors, rng_meta = snapshot_rng(rank)
-    tensors = {**optim_tensors, **rng_tensors}
+    tensors = dict(optim_tensors)
+    for rng_tensors, _ in all_rng:
+        tensors.update(rng_tensors)
     method_meta: dict[str, Any] = {}
     for hook in state.hooks:
         hook_tensors, hook_meta = hook.state_dict()
@@ -78,10 +84,10 @@ def take_snapshot(state: TrainState, cfg: RunConfig, *, rank: int = 0, world_siz
         "data_position": state.data_position.to_dict(),
         "scheduler": state.scheduler.state_dict(),
         "optimizer": optim_meta,
-        "rng": {f"rank{rank}": rng_meta},
+        "rng": {f"rank{r}": rng_meta for r, (_, rng_meta) in enumerate(all_rng)},
         "metrics": state.metrics_state,
         "method": method_meta,
-        "world_size": world_size,
+        "world_size": env.world_size,
         "config_digest": cfg.digest(),
         "config": cfg.to_dict(),
         "versions": library_versions(),
@@ -103,9 +109,10 @@ def write_snapshot(snapshot: Snapshot, ckpt_dir: Path) -> None:
         raise RuntimeError(f"PEFT did not write {ADAPTER_CONFIG} into {ckpt_dir}")
 
 
-def load_into(state: TrainState, ckpt_dir: Path, *, rank: int = 0) -> dict[str, Any]:
+def load_into(state: TrainState, ckpt_dir: Path, *, rank: int = 0, log: Callable[[str], None] = print) -> dict[str, Any]:
     """Restore adapter, optimizer, scheduler, RNG, data position and hook state from `ckpt_dir`.
 
+    A rank the checkpoint has no RNG for (the job grew) keeps the RNG it was seeded with.
     Returns the stored JSON state (metrics state etc.)."""
     meta = json.loads((ckpt_dir / TRAINER_STATE_JSON).read_text())
     adapter = load_file(str(ckpt_dir / ADAPTER_WEIGHTS))
@@ -115,8 +122,11 @@ def load_into(state: TrainState, ckpt_dir: Path, *, rank: int = 0) -> dict[str, 
     tensors = load_file(str(ckpt_dir / TRAINER_STATE_TENSORS))
     restore_optimizer(state.optimizer, tensors, meta["optimizer"])
     state.scheduler.load_state_dict(meta["scheduler"])
-    rng_meta = meta["rng"].get(f"rank{rank}") or next(iter(meta["rng"].values()))
-    restore_rng(rank, tensors, rng_meta)
+    if f"rank{rank}" in meta["rng"]:
+        restore_rng(rank, tensors, meta["rng"][f"rank{rank}"])
+    else:
+        log(f"rank {rank}: checkpoint {ckpt_dir.name} was written by {meta['world_size']} rank(s) and has no RNG "
+            "state for this rank; it keeps its seeded RNG (the data order is unaffected)")
     for hook in state.hooks:
         hook.load_state_dict(select_prefix(tensors, f"{METHOD_PREFIX}.{hook.name}"), meta["method"].get(hook.name, {}))
     state.global_step = int(meta["global_step"])
@@ -128,8 +138,9 @@ def load_into(state: TrainState, ckpt_dir: Path, *, rank: int = 0) -> dict[str, 
 class TrainerCheckpointer:
     """Saves TrainState checkpoints, one at a time, optionally in the background."""
 
-    def __init__(self, run_dir: Path, cfg: RunConfig, log: Callable[[str], None]):
+    def __init__(self, run_dir: Path, cfg: RunConfig, log: Callable[[str], None], env: DistEnv = DistEnv()):
         self.cfg = cfg
+        self.env = env
         self.manager = CheckpointManager(
             run_dir, keep_last_k=cfg.keep_last_k, save_latest_only=cfg.save_latest_checkpoint_only, log=log
         )
@@ -137,9 +148,12 @@ class TrainerCheckpointer:
         self.log = log
 
     def save(self, state: TrainState, *, blocking: bool = False) -> None:
-        """Snapshot now; write now (blocking) or on the background thread."""
+        """Snapshot now; write now (blocking) or on the background thread. Every rank calls it
+        (the RNG gather is collective); only rank 0 writes."""
         self.writer.wait()  # never two saves in flight; the snapshot reuses host buffers
-        snapshot = take_snapshot(state, self.cfg)
+        snapshot = take_snapshot(state, self.cfg, self.env)
+        if snapshot is None:
+            return
 
         def write() -> Path:
             return self.manager.save(snapshot.step, lambda d: write_snapshot(snapshot, d))

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import random
 from pathlib import Path
-from typing import Callable
+from typing import Callable, TypeVar
 
 import numpy as np
 import torch
@@ -18,6 +18,7 @@ from steadyvla.data.frames import FrameSource
 from steadyvla.data.sampler import DataPosition, ResumableBatchSampler
 from steadyvla.data.stats import compute_action_statistics, load_dataset_statistics, write_dataset_statistics
 from steadyvla.data.transforms import ImageTransform
+from steadyvla.distributed import DistEnv, barrier, init_distributed, shutdown, wrap_data_parallel
 from steadyvla.model.build import action_tokenizer_for, build_vla, load_tokenizer, wrap_lora
 from steadyvla.model.presets import get_preset
 from steadyvla.model.prompt import PromptBuilder
@@ -31,6 +32,7 @@ from steadyvla.train.run_dir import record_start, run_dir_for
 from steadyvla.train.signals import PreemptionFlag
 
 DEMO_DATASET_NAME = "metaworld_demo"
+T = TypeVar("T")
 
 
 def say(message: str) -> None:
@@ -59,14 +61,16 @@ def open_training_data(cfg: RunConfig, log: Callable[[str], None] = say) -> Fram
     return open_frame_source(Path(cfg.data_root_dir), cfg.dataset_name, image_key=cfg.image_key)
 
 
-def action_statistics(cfg: RunConfig, source: FrameSource, run_dir: Path, resuming: bool) -> dict:
-    """Compute (fresh start) or reload (resume) the run's dataset_statistics.json; return action stats."""
+def action_statistics(cfg: RunConfig, source: FrameSource, run_dir: Path, resuming: bool, write: bool = True) -> dict:
+    """Compute (fresh start) or reload (resume) the run's dataset_statistics.json; return action stats.
+    Every rank computes the same numbers; only the one with `write` writes the file."""
     path = run_dir / DATASET_STATISTICS
     if resuming and path.exists():
         stats = load_dataset_statistics(path)
     else:
         stats = {cfg.dataset_name: compute_action_statistics(source.actions(), num_trajectories=source.num_episodes)}
-        write_dataset_statistics(path, stats)
+        if write:
+            write_dataset_statistics(path, stats)
     if cfg.dataset_name not in stats:
         raise ConfigError(f"config field `dataset_name`: {cfg.dataset_name!r} not in {path} (has {list(stats)})")
     return stats[cfg.dataset_name]["action"]
@@ -91,9 +95,25 @@ def seed_everything(seed: int) -> None:
 
 def finetune(cfg: RunConfig, log: Callable[[str], None] = say) -> LoopResult:
     """Run (or continue) a LoRA fine-tuning run described by `cfg`; `method_enabled` adds the
-    ICSM + HSW + Thermostat hook to the same loop."""
+    ICSM + HSW + Thermostat hook to the same loop. Under torchrun, data-parallel over the ranks."""
     if not cfg.use_lora:
         raise ConfigError("config field `use_lora`: false is full training; use `steadyvla train` for that")
+    env = init_distributed()
+    try:
+        return _finetune(cfg, env, log if env.is_main else (lambda _message: None))
+    finally:
+        shutdown(env)
+
+
+def _main_rank_first(env: DistEnv, work: Callable[[], T]) -> T:
+    """Run `work` on rank 0 first (it may generate the demo data or ICSM artifacts once), then on
+    the other ranks, which find the result on disk."""
+    result = work() if env.is_main else None
+    barrier(env)
+    return result if env.is_main else work()
+
+
+def _finetune(cfg: RunConfig, env: DistEnv, log: Callable[[str], None]) -> LoopResult:
     run_dir = run_dir_for(cfg)
     for note in unavailable_settings(cfg):
         log(note)
@@ -103,20 +123,28 @@ def finetune(cfg: RunConfig, log: Callable[[str], None] = say) -> LoopResult:
         log(f"run already complete: checkpoint step {plan.step} >= max_steps {cfg.max_steps}; nothing to do")
         return LoopResult(plan.step, preempted=False)
 
-    source = open_training_data(cfg, log)
+    source = _main_rank_first(env, lambda: open_training_data(cfg, log))
     if cfg.method_enabled:  # before seeding: building the teacher must not shift the run's RNG
         from steadyvla.method.build_icsm import ensure_icsm, load_probe
 
-        artifacts, probe = ensure_icsm(cfg, source, log), load_probe(cfg, source)
+        artifacts, probe = _main_rank_first(env, lambda: ensure_icsm(cfg, source, log)), load_probe(cfg, source)
     seed_everything(cfg.seed)
-    record_start(run_dir, cfg, resumed_from=str(plan.checkpoint) if plan.checkpoint else None,
-                 resumed_step=plan.step, changes=changes)
-    stats = action_statistics(cfg, source, run_dir, resuming=plan.checkpoint is not None)
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if env.is_main:
+        if plan.checkpoint is not None and plan.state.get("world_size", 1) != env.world_size:
+            changes["world_size"] = {"checkpoint": plan.state.get("world_size", 1), "now": env.world_size}
+            log(f"world size {changes['world_size']['checkpoint']} -> {env.world_size}: the global sample order "
+                "continues where it stopped; the global batch is now batch_size x world size")
+        record_start(run_dir, cfg, resumed_from=str(plan.checkpoint) if plan.checkpoint else None,
+                     resumed_step=plan.step, changes=changes)
+    stats = action_statistics(cfg, source, run_dir, resuming=plan.checkpoint is not None, write=env.is_main)
+    device = env.device
 
     tokenizer = load_tokenizer(cfg)
     action_tokenizer = action_tokenizer_for(tokenizer)
     model = wrap_lora(build_vla(cfg, tokenizer, device), cfg)
+    if env.rank > 0:  # same weights on every rank (seeded init), different dropout draws
+        seed_everything(cfg.seed + env.rank)
+    train_model = wrap_data_parallel(model, env)
     optimizer = build_optimizer(model, cfg)
     scheduler = build_scheduler(optimizer, cfg)
     hooks: list[TrainHook] = []
@@ -126,7 +154,7 @@ def finetune(cfg: RunConfig, log: Callable[[str], None] = say) -> LoopResult:
         hooks.append(MethodHook(cfg, model, tokenizer, artifacts, probe, device))
     state = TrainState(model, optimizer, scheduler, DataPosition(), hooks=hooks)
     if plan.checkpoint is not None:
-        load_into(state, plan.checkpoint)
+        load_into(state, plan.checkpoint, rank=env.rank, log=say)
         log(f"restored step {state.global_step}, epoch {state.data_position.epoch}, sample "
             f"{state.data_position.position} of {len(source)}, lr {scheduler.get_last_lr()[0]:.3e}")
     else:
@@ -137,19 +165,20 @@ def finetune(cfg: RunConfig, log: Callable[[str], None] = say) -> LoopResult:
 
     dataset = VLADataset(source, PromptBuilder(tokenizer, cfg.prompt_template), action_tokenizer, stats,
                          ImageTransform(get_preset(cfg.model_preset), cfg.image_aug, cfg.seed))
-    sampler = ResumableBatchSampler(len(dataset), cfg.batch_size, seed=cfg.seed, start=state.data_position)
+    sampler = ResumableBatchSampler(len(dataset), cfg.batch_size, seed=cfg.seed, rank=env.rank,
+                                    world_size=env.world_size, start=state.data_position)
     loader = DataLoader(dataset, batch_sampler=sampler, num_workers=cfg.num_workers,
                         collate_fn=PaddedCollator(int(tokenizer.pad_token_id)),
                         pin_memory=device.type == "cuda", persistent_workers=cfg.num_workers > 0,
                         # own generator: creating the iterator must not draw from the restored global RNG
                         generator=torch.Generator().manual_seed(cfg.seed))
-    logger = MetricsLogger(run_dir, resume_step=state.global_step)
+    logger = MetricsLogger(run_dir, resume_step=state.global_step, enabled=env.is_main)
     logger.load_state_dict(state.metrics_state)
-    checkpointer = TrainerCheckpointer(run_dir, cfg, log)
+    checkpointer = TrainerCheckpointer(run_dir, cfg, log, env)
     preemption = PreemptionFlag().install()
     try:
         result = run_loop(cfg, state, iter(loader), sampler, action_tokenizer, logger, checkpointer, preemption,
-                          device, log)
+                          env, train_model, log)
     finally:
         preemption.uninstall()
         checkpointer.wait()

@@ -10,11 +10,14 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Callable, Iterator
 
+import contextlib
+
 import torch
 from tqdm import tqdm
 
 from steadyvla.config import RunConfig
 from steadyvla.data.sampler import ResumableBatchSampler
+from steadyvla.distributed import DistEnv, any_rank, mean_across_ranks
 from steadyvla.model.action_tokenizer import ActionTokenizer
 from steadyvla.train.checkpointing import TrainerCheckpointer, TrainState
 from steadyvla.train.metrics import MetricsLogger, action_metrics, mean_metrics
@@ -41,27 +44,33 @@ def run_loop(
     logger: MetricsLogger,
     checkpointer: TrainerCheckpointer,
     preemption: PreemptionFlag,
-    device: torch.device,
+    env: DistEnv,
+    train_model: torch.nn.Module | None = None,
     log: Callable[[str], None] = print,
 ) -> LoopResult:
-    """Train from `state.global_step` to `cfg.max_steps` (or until preempted)."""
+    """Train from `state.global_step` to `cfg.max_steps` (or until preempted). `train_model` is
+    what the forward runs through (the DDP wrapper under torchrun); defaults to `state.model`."""
     model, optimizer, scheduler = state.model, state.optimizer, state.scheduler
-    model.train()
+    train_model = train_model if train_model is not None else model
+    train_model.train()
     trainable = [p for p in model.parameters() if p.requires_grad]
-    bar = tqdm(total=cfg.max_steps, initial=state.global_step, disable=not cfg.progress_bar, desc="finetune",
-               dynamic_ncols=True)
+    bar = tqdm(total=cfg.max_steps, initial=state.global_step, disable=not (cfg.progress_bar and env.is_main),
+               desc="finetune", dynamic_ncols=True)
     try:
         while state.global_step < cfg.max_steps:
             step = state.global_step
             for hook in state.hooks:
                 hook.on_step_start(step)
             micro = []
-            for _ in range(cfg.grad_accumulation_steps):
+            for i in range(cfg.grad_accumulation_steps):
                 batch = next(batches)
                 state.data_position = sampler.advance(state.data_position)
-                inputs = {k: batch[k].to(device, non_blocking=True) for k in MODEL_INPUTS}
-                output = model(**inputs)
-                (output.loss / cfg.grad_accumulation_steps).backward()
+                inputs = {k: batch[k].to(env.device, non_blocking=True) for k in MODEL_INPUTS}
+                last = i == cfg.grad_accumulation_steps - 1
+                # DDP all-reduces gradients only on the last micro-batch of the step
+                with contextlib.nullcontext() if last or not env.distributed else train_model.no_sync():
+                    output = train_model(**inputs)
+                    (output.loss / cfg.grad_accumulation_steps).backward()
                 micro.append(action_metrics(output, action_tokenizer))
             for hook in state.hooks:
                 hook.before_optimizer_step(step)
@@ -72,14 +81,15 @@ def run_loop(
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
             state.global_step = step + 1
-            metrics = {**mean_metrics(micro), "lr": lr, "epoch": state.data_position.epoch}
+            metrics = mean_metrics(micro)
             for hook in state.hooks:
                 metrics.update(hook.on_step_end(state.global_step))
+            metrics = {**mean_across_ranks(metrics, env), "lr": lr, "epoch": state.data_position.epoch}
             if state.global_step % cfg.log_every_steps == 0 or state.global_step == cfg.max_steps:
                 logger.log(state.global_step, metrics)
             bar.update(1)
             bar.set_postfix(loss=f"{metrics['train_loss']:.4f}", lr=f"{lr:.2e}")
-            preempted = preemption.requested is not None
+            preempted = any_rank(preemption.requested is not None, env)
             if state.global_step % cfg.save_steps == 0 or state.global_step == cfg.max_steps or preempted:
                 state.metrics_state = logger.state_dict()
                 logger.sync()

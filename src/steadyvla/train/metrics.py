@@ -56,15 +56,19 @@ def read_metrics(path: Path) -> list[dict[str, Any]]:
 class MetricsLogger:
     """Appends one JSON line per logged step and mirrors scalars to TensorBoard."""
 
-    def __init__(self, run_dir: Path, resume_step: int, *, tensorboard: bool = True):
+    def __init__(self, run_dir: Path, resume_step: int, *, tensorboard: bool = True, enabled: bool = True):
         self.path = run_dir / METRICS_JSONL
         self.best_train_loss: float | None = None
         self.best_step: int | None = None
         self.bad_evals = 0  # early-stopping counter
+        self.enabled = enabled  # False on ranks other than 0: they keep state but write nothing
+        self._file = None
+        self._tb = None
+        if not enabled:
+            return
         kept = [r for r in read_metrics(self.path) if int(r.get("step", 0)) <= resume_step]
         atomic_write_text(self.path, "".join(json.dumps(r) + "\n" for r in kept))
         self._file = self.path.open("a")
-        self._tb = None
         if tensorboard:
             from torch.utils.tensorboard import SummaryWriter
 
@@ -73,17 +77,20 @@ class MetricsLogger:
 
     def log(self, step: int, metrics: dict[str, float]) -> None:
         """Record the metrics of optimizer step `step`."""
-        record = {"step": step, **metrics}
-        self._file.write(json.dumps(record) + "\n")
-        self._file.flush()
         if "train_loss" in metrics and (self.best_train_loss is None or metrics["train_loss"] < self.best_train_loss):
             self.best_train_loss, self.best_step = metrics["train_loss"], step
+        if self._file is None:
+            return
+        self._file.write(json.dumps({"step": step, **metrics}) + "\n")
+        self._file.flush()
         if self._tb is not None:
             for key, value in metrics.items():
                 self._tb.add_scalar(key, value, step)
 
     def sync(self) -> None:
         """Make everything logged so far durable (called before a checkpoint is taken)."""
+        if self._file is None:
+            return
         self._file.flush()
         os.fsync(self._file.fileno())
         if self._tb is not None:
@@ -98,6 +105,7 @@ class MetricsLogger:
         self.bad_evals = int(state.get("bad_evals", 0))
 
     def close(self) -> None:
-        self._file.close()
+        if self._file is not None:
+            self._file.close()
         if self._tb is not None:
             self._tb.close()

@@ -1,0 +1,105 @@
+"""torch.distributed for the one training loop: torchrun environment, DDP wrapping, collectives.
+
+`steadyvla finetune` under `torchrun --nproc_per_node N` trains data-parallel: every rank holds
+the model, takes its share of each global batch from the shared sampler order, and gradients are
+averaged by DDP (NCCL on GPUs, gloo on CPU). Rank 0 alone writes logs and checkpoints; the
+RNG states of every rank go into rank 0's checkpoint so a resume restores each rank exactly.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+
+@dataclass(frozen=True)
+class DistEnv:
+    """This process's place in the job."""
+
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+    device: torch.device = torch.device("cpu")
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def distributed(self) -> bool:
+        return self.world_size > 1
+
+
+def init_distributed() -> DistEnv:
+    """Read torchrun's environment (RANK, WORLD_SIZE, LOCAL_RANK); start the process group if N > 1."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    cuda = torch.cuda.is_available()
+    device = torch.device("cuda", local_rank) if cuda else torch.device("cpu")
+    if cuda:
+        torch.cuda.set_device(device)
+    if world == 1:
+        return DistEnv(device=device)
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if cuda else "gloo")
+    return DistEnv(rank=dist.get_rank(), world_size=world, local_rank=local_rank, device=device)
+
+
+def shutdown(env: DistEnv) -> None:
+    if env.distributed and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def barrier(env: DistEnv) -> None:
+    if env.distributed:
+        dist.barrier()
+
+
+def wrap_data_parallel(model: torch.nn.Module, env: DistEnv) -> torch.nn.Module:
+    """DDP around the (PEFT) model for N > 1, else the model itself.
+
+    find_unused_parameters: LoRA also sits on tower parts the VLA never runs (the last ViT block
+    and SigLIP's pooling head, kept for checkpoint compatibility with OpenVLA).
+    """
+    if not env.distributed:
+        return model
+    from torch.nn.parallel import DistributedDataParallel
+
+    ids = [env.local_rank] if env.device.type == "cuda" else None
+    return DistributedDataParallel(model, device_ids=ids, find_unused_parameters=True)
+
+
+def mean_across_ranks(values: dict[str, float], env: DistEnv) -> dict[str, float]:
+    """Average scalar metrics over ranks (keys in sorted order on every rank)."""
+    if not env.distributed:
+        return values
+    keys = sorted(values)
+    t = torch.tensor([float(values[k]) for k in keys], dtype=torch.float64, device=_comm_device(env))
+    dist.all_reduce(t)
+    return {k: float(v) / env.world_size for k, v in zip(keys, t.tolist())}
+
+
+def any_rank(flag: bool, env: DistEnv) -> bool:
+    """True on every rank if it is true on any rank (e.g. a preemption signal seen by one)."""
+    if not env.distributed:
+        return flag
+    t = torch.tensor([1 if flag else 0], device=_comm_device(env))
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return bool(t.item())
+
+
+def gather_to_all(obj: Any, env: DistEnv) -> list[Any]:
+    """Every rank's `obj` (JSON-able values, CPU tensors), in rank order. In-memory only."""
+    if not env.distributed:
+        return [obj]
+    out: list[Any] = [None] * env.world_size
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def _comm_device(env: DistEnv) -> torch.device:
+    return env.device if env.device.type == "cuda" else torch.device("cpu")
