@@ -3,7 +3,6 @@
 import signal
 from pathlib import Path
 
-import pytest
 import torch
 from safetensors.torch import load_file
 
@@ -14,7 +13,7 @@ from steadyvla.data.registry import open_frame_source
 from steadyvla.data.transforms import ImageTransform
 from steadyvla.faults import FAULT_ENV
 from steadyvla.method.artifacts import ICSM_META, layer_file, read_artifacts
-from steadyvla.method.build_icsm import artifact_dir, build_icsm
+from steadyvla.method.build_icsm import build_icsm
 from steadyvla.method.probe import ProbeSample, ProbeSet, encode_probe_batch
 from steadyvla.model.build import build_vla, load_tokenizer
 from steadyvla.model.presets import get_preset

@@ -1,6 +1,5 @@
 """Kill -9 / SIGTERM / corruption / bad-input tests: a resumed run is bit-for-bit the uninterrupted one."""
 
-import os
 import random
 import signal
 import subprocess

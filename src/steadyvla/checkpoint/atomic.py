@@ -10,6 +10,7 @@ from __future__ import annotations
 import errno
 import json
 import os
+import shutil
 import secrets
 from pathlib import Path
 from typing import Any
@@ -78,3 +79,17 @@ def atomic_write_text(path: str | os.PathLike[str], text: str) -> None:
 def atomic_write_json(path: str | os.PathLike[str], obj: Any, *, indent: int | None = 2) -> None:
     """Atomically replace ``path`` with ``obj`` as JSON (keys sorted, trailing newline)."""
     atomic_write_text(path, json.dumps(obj, indent=indent, sort_keys=True) + "\n")
+
+
+def replace_dir(staged: str | os.PathLike[str], final: str | os.PathLike[str]) -> None:
+    """Move a fully written, fsynced `staged` directory to `final`. An existing `final` is moved
+    aside first and deleted afterwards, so readers find the old tree or the new one, never a mix."""
+    staged, final = os.fspath(staged), os.fspath(final)
+    aside = None
+    if os.path.exists(final):
+        aside = f"{os.path.dirname(final) or '.'}/.{os.path.basename(final)}.old-{os.getpid()}-{secrets.token_hex(4)}"
+        os.replace(final, aside)
+    os.replace(staged, final)
+    fsync_dir(os.path.dirname(final) or ".")
+    if aside is not None:
+        shutil.rmtree(aside, ignore_errors=True)

@@ -42,7 +42,6 @@ class VLADataset(Dataset):
             "input_ids": sample.input_ids,
             "labels": sample.labels,
             "pixel_values": self.image_transform(frame.image, epoch, index),
-            "instruction_span": torch.tensor(sample.instruction_span, dtype=torch.long),
             "sample_key": torch.tensor(key, dtype=torch.long),
         }
 
@@ -69,7 +68,6 @@ class PaddedCollator:
             "labels": labels,
             "attention_mask": attention_mask,
             "pixel_values": torch.stack([it["pixel_values"] for it in items]),
-            "instruction_span": torch.stack([it["instruction_span"] for it in items]),
             "sample_key": torch.stack([it["sample_key"] for it in items]),
         }
 

@@ -22,7 +22,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from PIL import Image
 
-from steadyvla.checkpoint.atomic import fsync_tree
+from steadyvla.checkpoint.atomic import fsync_tree, replace_dir
 from steadyvla.data.lerobot import CODEBASE_VERSION, DATA_PATH, EPISODES_PATH
 
 CHUNKS_SIZE = 1000  # files per chunk directory, LeRobot's default
@@ -262,10 +262,7 @@ def write_lerobot_dataset(
         (tmp / "meta" / "info.json").write_text(json.dumps(info, indent=4))
         fsync_tree(tmp)
         if overwrite and root.exists():
-            old = Path(tempfile.mkdtemp(prefix=f".{root.name}.old-", dir=root.parent))
-            os.replace(root, old / "ds")
-            os.replace(tmp, root)
-            shutil.rmtree(old, ignore_errors=True)
+            replace_dir(tmp, root)
         else:
             try:
                 os.replace(tmp, root)  # succeeds onto a missing or empty directory only

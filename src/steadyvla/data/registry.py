@@ -30,22 +30,15 @@ _EXPECTED = (
 )
 
 
-def _is_lerobot(path: Path) -> bool:
-    try:
-        from steadyvla.data.lerobot import is_lerobot_dataset
-    except ImportError:  # the LeRobot reader is optional at import time; the layout check is not
-        return (path / "meta" / "info.json").is_file()
-    return bool(is_lerobot_dataset(path))
-
-
 def detect_format(path: Path) -> str:
     """Return "rlds" or "lerobot" for the dataset at `path`; a clear error for anything else."""
+    from steadyvla.data.lerobot import is_lerobot_dataset
     from steadyvla.data.rlds import is_rlds_dataset
 
     path = Path(path)
     if not path.is_dir():
         raise FileNotFoundError(f"{path} is not a directory; {_EXPECTED}")
-    if _is_lerobot(path):
+    if is_lerobot_dataset(path):
         return "lerobot"
     if is_rlds_dataset(path):
         return "rlds"

@@ -13,12 +13,12 @@ so it is written once, atomically, and read back with its structure checked.
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from steadyvla.checkpoint.atomic import atomic_write_text
 
 _STAT_KEYS = ("mean", "std", "max", "min", "q01", "q99")
 # q99 - q01 below this is a constant dimension; dividing by it would blow noise up to +-1.
@@ -118,16 +118,7 @@ def write_dataset_statistics(path: Path, stats_by_name: dict[str, dict]) -> None
         _check_action_entry(name, entry)
     text = json.dumps(stats_by_name, indent=2, allow_nan=False)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text + "\n")
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    atomic_write_text(path, text + "\n")
 
 
 def load_dataset_statistics(path: Path) -> dict[str, dict]:

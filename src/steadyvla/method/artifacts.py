@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from steadyvla.checkpoint.atomic import fsync_dir, fsync_tree
+from steadyvla.checkpoint.atomic import fsync_tree, replace_dir
 
 ICSM_META = "meta.json"
 ICSM_FORMAT = "steadyvla-icsm"
@@ -54,10 +54,7 @@ def write_artifacts(out_dir: Path, artifacts: IcsmArtifacts) -> Path:
                   metadata={"format": "pt"})
     (tmp / ICSM_META).write_text(json.dumps(artifacts.meta, indent=1, sort_keys=True) + "\n")
     fsync_tree(tmp)
-    if out_dir.exists():
-        shutil.rmtree(out_dir)
-    os.rename(tmp, out_dir)
-    fsync_dir(out_dir.parent)
+    replace_dir(tmp, out_dir)
     return out_dir
 
 

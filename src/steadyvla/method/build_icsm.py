@@ -107,10 +107,11 @@ def build_icsm(cfg: RunConfig, training_source, log: Callable[[str], None] = pri
     return out
 
 
-def ensure_icsm(cfg: RunConfig, training_source, log: Callable[[str], None] = print) -> IcsmArtifacts:
-    """Load the artifacts, building them once if the directory does not exist yet."""
+def ensure_icsm(cfg: RunConfig, training_source, log: Callable[[str], None] = print,
+                probe: ProbeSet | None = None) -> IcsmArtifacts:
+    """Load the artifacts, building them once (from `probe` if given) if the directory does not exist yet."""
     out = artifact_dir(cfg)
     if not out.exists():
         log(f"{out} is missing: building ICSM artifacts once (cached for later runs)")
-        build_icsm(cfg, training_source, log)
+        build_icsm(cfg, training_source, log, probe=probe)
     return read_artifacts(out)

@@ -16,7 +16,7 @@ from steadyvla.config import ConfigError, RunConfig
 from steadyvla.data.transforms import ImageTransform
 from steadyvla.method.artifacts import IcsmArtifacts
 from steadyvla.method.hsw import HSWHooks
-from steadyvla.method.icsm import decoder_layers, layer_groups, pooled_instruction_states
+from steadyvla.method.icsm import covariance, decoder_layers, layer_groups, pooled_instruction_states
 from steadyvla.method.probe import ProbeSet, encode_probe_batch
 from steadyvla.method.thermostat import Thermostat, ThermostatSettings, broadcast_from_rank0
 from steadyvla.model.presets import get_preset
@@ -69,9 +69,7 @@ class MethodHook(TrainHook):
             self.model.train(was_training)
         drifts = []
         for r in self.representatives:
-            x = pooled[r][valid].double()
-            xc = x - x.mean(dim=0)
-            cov = (xc.T @ xc / max(1, x.shape[0] - 1)).float()
+            cov = covariance(pooled[r][valid])
             drifts.append(torch.linalg.matrix_norm(cov - self.teacher_cov[r]).item())
         return sum(drifts) / len(drifts)
 

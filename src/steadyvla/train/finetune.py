@@ -127,7 +127,8 @@ def _finetune(cfg: RunConfig, env: DistEnv, log: Callable[[str], None]) -> LoopR
     if cfg.method_enabled:  # before seeding: building the teacher must not shift the run's RNG
         from steadyvla.method.build_icsm import ensure_icsm, load_probe
 
-        artifacts, probe = _main_rank_first(env, lambda: ensure_icsm(cfg, source, log)), load_probe(cfg, source)
+        probe = load_probe(cfg, source)
+        artifacts = _main_rank_first(env, lambda: ensure_icsm(cfg, source, log, probe))
     seed_everything(cfg.seed)
     if env.is_main:
         if plan.checkpoint is not None and plan.state.get("world_size", 1) != env.world_size:

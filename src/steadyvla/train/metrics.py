@@ -61,8 +61,7 @@ class MetricsLogger:
         self.best_train_loss: float | None = None
         self.best_step: int | None = None
         self.bad_evals = 0  # early-stopping counter
-        self.enabled = enabled  # False on ranks other than 0: they keep state but write nothing
-        self._file = None
+        self._file = None  # stays None on ranks other than 0: they keep state but write nothing
         self._tb = None
         if not enabled:
             return
