@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 
 from steadyvla.checkpoint.manager import CheckpointError
+from steadyvla.checkpoint.run_lock import RunDirBusy
 from steadyvla.config import ConfigError, load_config, parse_overrides
 
 EXIT_USAGE = 2
@@ -124,7 +125,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
     try:
         return COMMANDS[args.verb](args, extra)
-    except (ConfigError, CheckpointError, FileNotFoundError) as err:
+    except (ConfigError, CheckpointError, RunDirBusy, FileNotFoundError) as err:
         print(f"error: {err}", file=sys.stderr)
         return EXIT_USAGE
 

@@ -34,6 +34,7 @@ from steadyvla.checkpoint.layout import (
     step_dir_name,
 )
 from steadyvla.checkpoint.manifest import verify_checkpoint, write_manifest
+from steadyvla.checkpoint.run_lock import RunLock
 
 
 class CheckpointError(RuntimeError):
@@ -71,7 +72,9 @@ def _remove(path: Path) -> None:
 class CheckpointManager:
     """Atomic saves, verified resume and retention for one run dir's ``checkpoints/``.
 
-    Only one process (rank 0) may save into a run dir; saves through one manager are serialized.
+    Only one process (rank 0) may save into a run dir: every save (and the cleanup of leftovers of
+    killed saves) runs under the run dir's lock (``RunLock``, re-entrant for the process that
+    already holds it for the whole run). Saves through one manager are serialized.
     ``keep_last_k`` keeps the k newest complete checkpoints, ``save_latest_only`` keeps one;
     with neither, every complete checkpoint is kept.
     """
@@ -100,7 +103,8 @@ class CheckpointManager:
         name = dir_name if dir_name is not None else step_dir_name(step)
         if not name or "/" in name or os.sep in name or name.startswith(".") or name == LATEST_FILE:
             raise ValueError(f"invalid checkpoint dir name {name!r}")
-        with self._lock:
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        with self._lock, RunLock.acquire(self.run_dir):
             self._prepare_root()
             tmp = self.root / f"{TMP_DIR_PREFIX}{name}-{os.getpid()}"
             _remove(tmp)

@@ -12,6 +12,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from steadyvla.checkpoint.layout import DATASET_STATISTICS
+from steadyvla.checkpoint.run_lock import RunLock
 from steadyvla.config import ConfigError, RunConfig
 from steadyvla.data.dataset import PaddedCollator, VLADataset
 from steadyvla.data.frames import FrameSource
@@ -113,16 +114,40 @@ def _main_rank_first(env: DistEnv, work: Callable[[], T]) -> T:
     return result if env.is_main else work()
 
 
+def _lock_run_dir(run_dir: Path, env: DistEnv) -> RunLock | None:
+    """Rank 0 owns the run dir for the life of the run (the other ranks only read it)."""
+    if not env.is_main:
+        return None
+    run_dir.mkdir(parents=True, exist_ok=True)
+    return RunLock.acquire(run_dir)
+
+
 def _finetune(cfg: RunConfig, env: DistEnv, log: Callable[[str], None]) -> LoopResult:
     run_dir = run_dir_for(cfg)
     for note in unavailable_settings(cfg):
         log(note)
-    plan: ResumePlan = plan_resume(cfg, run_dir, log)  # may raise before anything is written
-    changes = config_changes(cfg, plan)
-    if plan.checkpoint is not None and plan.step >= cfg.max_steps:
-        log(f"run already complete: checkpoint step {plan.step} >= max_steps {cfg.max_steps}; nothing to do")
-        return LoopResult(plan.step, preempted=False)
+    # An existing run dir is locked before it is read, so the plan cannot race a live run; a new one is
+    # created only once the config has been checked (a refused start leaves no directory behind).
+    lock = _lock_run_dir(run_dir, env) if run_dir.exists() else None
+    try:
+        plan: ResumePlan = plan_resume(cfg, run_dir, log)  # may raise before anything is written
+        changes = config_changes(cfg, plan)
+        if plan.checkpoint is not None and plan.step >= cfg.max_steps:
+            log(f"run already complete: checkpoint step {plan.step} >= max_steps {cfg.max_steps}; nothing to do")
+            return LoopResult(plan.step, preempted=False)
+        if lock is None:
+            lock = _lock_run_dir(run_dir, env)
+        if lock is not None:
+            lock.announce()
+        return _train(cfg, env, log, run_dir, plan, changes)
+    finally:
+        if lock is not None:
+            lock.release()
 
+
+def _train(cfg: RunConfig, env: DistEnv, log: Callable[[str], None], run_dir: Path, plan: ResumePlan,
+           changes: dict) -> LoopResult:
+    """Build model and data, restore the plan's checkpoint, run the loop (the run dir is locked)."""
     source = _main_rank_first(env, lambda: open_training_data(cfg, log))
     if cfg.method_enabled:  # before seeding: building the teacher must not shift the run's RNG
         from steadyvla.method.build_icsm import ensure_icsm, load_probe
