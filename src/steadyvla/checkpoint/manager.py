@@ -234,7 +234,8 @@ class CheckpointManager:
         rest = [i for i in infos if i.step <= start.step and i.name != start.name]
         return [start] + rest[::-1]
 
-    def _resolve_latest(self) -> tuple[Path | None, list[str]]:
+    def resolve_latest_explained(self) -> tuple[Path | None, list[str]]:
+        """``resolve_latest`` plus one message per checkpoint it skipped (which one and why)."""
         skipped: list[str] = []
         for info in self._candidates():
             problems = verify_checkpoint(info.path, deep=True)
@@ -253,7 +254,14 @@ class CheckpointManager:
         Starts at the one ``latest`` names (or the highest step if ``latest`` is missing or
         dangling) and walks back to older ones, logging which checkpoint was skipped and why.
         """
-        return self._resolve_latest()[0]
+        return self.resolve_latest_explained()[0]
+
+    def set_latest(self, name: str) -> None:
+        """Point ``latest`` at the complete checkpoint ``name`` (an explicit rewind), under the run lock."""
+        if verify_checkpoint(self.root / name, deep=False):
+            raise CheckpointError(f"cannot make {CHECKPOINTS_DIR}/{name} latest: it is not complete")
+        with self._lock, RunLock.acquire(self.run_dir):
+            atomic_write_text(self.root / LATEST_FILE, name + "\n")
 
     def resolve_explicit(self, path: Path) -> Path:
         """Resolve a user-named checkpoint dir or run dir; raise ``CheckpointError`` if unusable.
@@ -274,7 +282,7 @@ class CheckpointManager:
             run_dir = path.parent
         if run_dir is not None:
             manager = CheckpointManager(run_dir, log=self.log)
-            found, skipped = manager._resolve_latest()
+            found, skipped = manager.resolve_latest_explained()
             if found is None:
                 detail = "".join(f"\n  {m}" for m in skipped)
                 raise CheckpointError(f"run dir {run_dir} has no complete checkpoint{detail}")
