@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import signal
 import subprocess
+import sys
 
 from helpers import (
     assert_same_as_reference, cli_command, cli_env, finetune_args, metrics_lines, resume_values, run_cli,
@@ -13,6 +14,7 @@ from helpers import (
 )
 from steadyvla.checkpoint.layout import CHECKPOINTS_DIR, LATEST_FILE
 from steadyvla.checkpoint.manifest import verify_checkpoint
+from steadyvla.train.signals import PreemptionFlag
 
 
 def test_sigterm_to_the_process_group_with_workers_saves_exits_0_and_resumes_bit_exact(
@@ -37,3 +39,23 @@ def test_sigterm_to_the_process_group_with_workers_saves_exits_0_and_resumes_bit
     done = run_cli(finetune_args(values))
     assert done.returncode == 0, done.stdout + done.stderr
     assert_same_as_reference(values, resume_reference)
+
+
+def test_the_same_preemption_delivered_twice_is_one_request(capsys):
+    """Group delivery plus a launcher forwarding it (torchrun) must not turn into "second signal: exit now"."""
+    flag = PreemptionFlag().install()
+    try:
+        os.kill(os.getpid(), signal.SIGTERM)
+        os.kill(os.getpid(), signal.SIGTERM)  # within DUPLICATE_WINDOW_S: ignored, the process lives on
+    finally:
+        flag.uninstall()
+    assert flag.requested == signal.SIGTERM
+    assert capsys.readouterr().err.count("SIGTERM received") == 1
+
+
+def test_workers_ignore_preemption_signals():
+    code = ("import os, signal; from steadyvla.train.signals import ignore_preemption_signals; "
+            "ignore_preemption_signals(0); os.kill(os.getpid(), signal.SIGTERM); "
+            "os.kill(os.getpid(), signal.SIGUSR1); print('alive')")
+    done = subprocess.run([sys.executable, "-c", code], env=cli_env(), capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0 and done.stdout.strip() == "alive", done.stderr
