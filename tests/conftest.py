@@ -10,6 +10,7 @@ import pytest
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 from steadyvla.config import build_config  # noqa: E402
+from helpers import MAX_STEPS, checkpoint_tensors, finetune_args, metrics_lines, resume_values, run_cli, run_dir_of  # noqa: E402
 from synthetic import write_synthetic_dataset  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
@@ -36,3 +37,13 @@ def make_config(synthetic_root, tmp_path):
         return build_config(values)
 
     return factory
+
+
+@pytest.fixture(scope="session")
+def resume_reference(synthetic_root, tmp_path_factory):
+    """Metrics and final tensors of the uninterrupted `resume_values` run (computed once per session)."""
+    values = resume_values(synthetic_root, tmp_path_factory.mktemp("ref"))
+    done = run_cli(finetune_args(values))
+    assert done.returncode == 0, done.stdout + done.stderr
+    run_dir = run_dir_of(values)
+    return metrics_lines(run_dir), checkpoint_tensors(run_dir / "checkpoints" / f"step-{MAX_STEPS:06d}")

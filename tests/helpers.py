@@ -7,6 +7,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 from safetensors.torch import load_file
@@ -14,6 +15,8 @@ from safetensors.torch import load_file
 from steadyvla.checkpoint.layout import ADAPTER_WEIGHTS, METRICS_JSONL, TRAINER_STATE_TENSORS
 
 REPO = Path(__file__).resolve().parents[1]
+DEMO_CONFIG = REPO / "configs" / "demo.yaml"
+MAX_STEPS = 8  # of the small resume runs below
 
 
 def cli_command(args: list[str]) -> list[str]:
@@ -63,3 +66,52 @@ def tree_digest(root: Path) -> dict[str, str]:
     """sha256 of every file under root (to prove a failed start touched nothing)."""
     return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
             for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def resume_values(synthetic_root: Path, run_root: Path, **extra) -> dict:
+    """Config of the small, fully random (augmentation, dropout, cosine warmup) resume test run."""
+    values = dict(data_root_dir=str(synthetic_root), dataset_name="synth", run_root_dir=str(run_root),
+                  run_id="exact", batch_size=2, grad_accumulation_steps=2, max_steps=MAX_STEPS, save_steps=2,
+                  lora_rank=4, learning_rate=0.003, lr_scheduler="cosine", lr_warmup_steps=2,
+                  min_learning_rate=0.0003, image_aug=True, lora_dropout=0.1, progress_bar=False, seed=5)
+    values.update(extra)
+    return values
+
+
+def finetune_args(values: dict) -> list[str]:
+    """`steadyvla finetune` arguments for a config dict (on top of configs/demo.yaml)."""
+    return ["finetune", "--config", str(DEMO_CONFIG), *config_args(values)]
+
+
+def run_dir_of(values: dict) -> Path:
+    from steadyvla.config import build_config
+    from steadyvla.train.run_dir import run_dir_for
+
+    return run_dir_for(build_config(values))
+
+
+def wait_for_metrics(run_dir: Path, n_lines: int, proc: subprocess.Popen, timeout: float = 240) -> None:
+    """Block until the run's metrics.jsonl has `n_lines` lines (fails if `proc` exits first)."""
+    metrics = run_dir / METRICS_JSONL
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if metrics.exists() and len(metrics.read_text().splitlines()) >= n_lines:
+            return
+        assert proc.poll() is None, f"run ended with {proc.returncode} before {n_lines} metrics lines"
+        time.sleep(0.01)
+    raise AssertionError(f"no {n_lines} metrics lines within {timeout}s")
+
+
+COMPARED_KEYS = ("step", "train_loss", "action_accuracy", "l1_loss", "lr", "epoch")
+
+
+def assert_same_as_reference(values: dict, reference: tuple[list[dict], dict]) -> None:
+    """The run of `values` logged steps 1..MAX_STEPS exactly as the uninterrupted reference run and ended
+    with bitwise the same adapter, optimizer and RNG tensors."""
+    ref_rows, ref_tensors = reference
+    run_dir = run_dir_of(values)
+    rows = metrics_lines(run_dir)
+    assert [r["step"] for r in rows] == list(range(1, MAX_STEPS + 1))
+    for got, want in zip(rows, ref_rows):
+        assert {k: got[k] for k in COMPARED_KEYS} == {k: want[k] for k in COMPARED_KEYS}
+    assert_bitwise_equal(checkpoint_tensors(run_dir / "checkpoints" / f"step-{MAX_STEPS:06d}"), ref_tensors)

@@ -9,34 +9,14 @@ from pathlib import Path
 import pytest
 
 from helpers import (
-    assert_bitwise_equal, checkpoint_tensors, cli_command, cli_env, config_args, metrics_lines, run_cli, tree_digest,
+    MAX_STEPS, assert_same_as_reference, cli_command, cli_env, finetune_args, metrics_lines, resume_values, run_cli,
+    run_dir_of, tree_digest,
 )
 from steadyvla.checkpoint.layout import CHECKPOINTS_DIR, METRICS_JSONL
 from steadyvla.cli import main
-from steadyvla.config import build_config
 from steadyvla.faults import FAULT_ENV
-from steadyvla.train.run_dir import run_dir_for
 
-MAX_STEPS = 8
-COMPARED_KEYS = ("step", "train_loss", "action_accuracy", "l1_loss", "lr", "epoch")
-
-
-def _values(synthetic_root: Path, run_root: Path, **extra) -> dict:
-    values = dict(data_root_dir=str(synthetic_root), dataset_name="synth", run_root_dir=str(run_root),
-                  run_id="exact", batch_size=2, grad_accumulation_steps=2, max_steps=MAX_STEPS, save_steps=2,
-                  lora_rank=4, learning_rate=0.003, lr_scheduler="cosine", lr_warmup_steps=2,
-                  min_learning_rate=0.0003, image_aug=True, lora_dropout=0.1, progress_bar=False, seed=5)
-    values.update(extra)
-    return values
-
-
-def _args(values: dict) -> list[str]:
-    return ["finetune", "--config", str(Path(__file__).resolve().parents[1] / "configs" / "demo.yaml"),
-            *config_args(values)]
-
-
-def _run_dir(values: dict) -> Path:
-    return run_dir_for(build_config(values))
+_values, _args, _run_dir = resume_values, finetune_args, run_dir_of
 
 
 def _kill_when(values: dict, n_lines: int, sig: int) -> int:
@@ -54,26 +34,7 @@ def _kill_when(values: dict, n_lines: int, sig: int) -> int:
     return proc.returncode, out
 
 
-@pytest.fixture(scope="module")
-def reference(synthetic_root, tmp_path_factory):
-    values = _values(synthetic_root, tmp_path_factory.mktemp("ref"))
-    done = run_cli(_args(values))
-    assert done.returncode == 0, done.stdout + done.stderr
-    run_dir = _run_dir(values)
-    return metrics_lines(run_dir), checkpoint_tensors(run_dir / CHECKPOINTS_DIR / f"step-{MAX_STEPS:06d}")
-
-
-def _assert_same_as_reference(values, reference):
-    ref_rows, ref_tensors = reference
-    run_dir = _run_dir(values)
-    rows = metrics_lines(run_dir)
-    assert [r["step"] for r in rows] == list(range(1, MAX_STEPS + 1))
-    for got, want in zip(rows, ref_rows):
-        assert {k: got[k] for k in COMPARED_KEYS} == {k: want[k] for k in COMPARED_KEYS}
-    assert_bitwise_equal(checkpoint_tensors(run_dir / CHECKPOINTS_DIR / f"step-{MAX_STEPS:06d}"), ref_tensors)
-
-
-def test_sigkill_at_random_points_and_mid_save_resumes_bit_exact(synthetic_root, tmp_path, reference):
+def test_sigkill_at_random_points_and_mid_save_resumes_bit_exact(synthetic_root, tmp_path, resume_reference):
     values = _values(synthetic_root, tmp_path)
     killed = run_cli(_args(values), extra_env={FAULT_ENV: "mid_save@4"})
     assert killed.returncode == -signal.SIGKILL
@@ -86,10 +47,10 @@ def test_sigkill_at_random_points_and_mid_save_resumes_bit_exact(synthetic_root,
     done = run_cli(_args(values))
     assert done.returncode == 0, done.stdout + done.stderr
     assert "resume: auto — continuing from" in done.stdout
-    _assert_same_as_reference(values, reference)
+    assert_same_as_reference(values, resume_reference)
 
 
-def test_sigterm_saves_at_step_boundary_exits_0_and_resumes_bit_exact(synthetic_root, tmp_path, reference):
+def test_sigterm_saves_at_step_boundary_exits_0_and_resumes_bit_exact(synthetic_root, tmp_path, resume_reference):
     values = _values(synthetic_root, tmp_path)
     code, out = _kill_when(values, 3, signal.SIGTERM)
     assert code == 0, out
@@ -99,7 +60,7 @@ def test_sigterm_saves_at_step_boundary_exits_0_and_resumes_bit_exact(synthetic_
     assert (run_dir / CHECKPOINTS_DIR / "latest").read_text().strip() == f"step-{last_logged:06d}"
     done = run_cli(_args(values))
     assert done.returncode == 0, done.stdout + done.stderr
-    _assert_same_as_reference(values, reference)
+    assert_same_as_reference(values, resume_reference)
 
 
 def _flip_byte(path: Path) -> None:
@@ -108,7 +69,8 @@ def _flip_byte(path: Path) -> None:
     path.write_bytes(bytes(data))
 
 
-def test_corrupt_newest_checkpoint_falls_back_and_explicit_corrupt_is_an_error(synthetic_root, tmp_path, reference,
+def test_corrupt_newest_checkpoint_falls_back_and_explicit_corrupt_is_an_error(synthetic_root, tmp_path,
+                                                                              resume_reference,
                                                                               capsys):
     values = _values(synthetic_root, tmp_path, max_steps=6)
     assert run_cli(_args(values)).returncode == 0
@@ -125,7 +87,7 @@ def test_corrupt_newest_checkpoint_falls_back_and_explicit_corrupt_is_an_error(s
     assert done.returncode == 0, done.stdout + done.stderr
     assert "skipping checkpoints/step-000006" in done.stdout and "skipping checkpoints/step-000004" in done.stdout
     assert "continuing from" in done.stdout and "step-000002" in done.stdout
-    _assert_same_as_reference(values, reference)
+    assert_same_as_reference(values, resume_reference)
 
 
 def test_bad_resume_inputs_are_clear_errors_that_touch_nothing(synthetic_root, tmp_path, capsys):

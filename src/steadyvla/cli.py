@@ -1,19 +1,25 @@
 """`steadyvla <verb>`: finetune, data (demo|inspect|stats), ckpt (ls|verify), doctor.
 
 Every user error ends with one `error:` line naming the field, the value and what would be valid,
-and exit status 2; nothing on disk is touched before the config and resume target are checked.
+and exit status 2; nothing on disk is touched before the config and resume target are checked. Any
+other failure also ends as one `error:` line (exit status 1); its traceback goes to the run dir's
+errors.log, or to the terminal with `--debug`.
 """
 
 from __future__ import annotations
 
 import argparse
 import sys
+import traceback
 from pathlib import Path
 
 from steadyvla.checkpoint.manager import CheckpointError
+from steadyvla.checkpoint.run_lock import RunDirBusy
 from steadyvla.config import ConfigError, load_config, parse_overrides
 
+EXIT_FAILURE = 1
 EXIT_USAGE = 2
+DEBUG_FLAG = "--debug"
 VERBS_WITH_OVERRIDES = ("finetune", "doctor", "icsm")
 
 
@@ -79,7 +85,8 @@ def cmd_ckpt(args: argparse.Namespace, extra: list[str]) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="steadyvla", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="steadyvla", description=__doc__.splitlines()[0],
+                                     epilog=f"{DEBUG_FLAG} (anywhere): print the full traceback of a failure")
     verbs = parser.add_subparsers(dest="verb", required=True)
     for name, helptext in (("finetune", "LoRA fine-tuning (baseline or method); resumes automatically"),
                            ("doctor", "pre-resume checklist: what would resume, is it complete, does the config match")):
@@ -118,15 +125,24 @@ COMMANDS = {"finetune": cmd_finetune, "doctor": cmd_doctor, "icsm": cmd_icsm, "d
 def main(argv: list[str] | None = None) -> int:
     """Console entry point."""
     argv = sys.argv[1:] if argv is None else argv
+    debug = DEBUG_FLAG in argv  # accepted anywhere, so it never reaches the config overrides
+    argv = [a for a in argv if a != DEBUG_FLAG]
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
     if extra and args.verb not in VERBS_WITH_OVERRIDES:
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
     try:
         return COMMANDS[args.verb](args, extra)
-    except (ConfigError, CheckpointError, FileNotFoundError) as err:
+    except (ConfigError, CheckpointError, RunDirBusy, FileNotFoundError) as err:
         print(f"error: {err}", file=sys.stderr)
         return EXIT_USAGE
+    except Exception as err:  # noqa: BLE001 - the last line of defence: one line, not a traceback
+        if debug:
+            traceback.print_exc()
+        where = getattr(err, "traceback_file", None)
+        hint = f"full traceback in {where}" if where else f"rerun with {DEBUG_FLAG} for the full traceback"
+        print(f"error: {type(err).__name__}: {err} ({hint})", file=sys.stderr)
+        return EXIT_FAILURE
 
 
 if __name__ == "__main__":

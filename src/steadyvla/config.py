@@ -135,6 +135,7 @@ class RunConfig:
     resume_adapter_dir: str | None = None
     resume_global_step: int | None = None
     resume_step_override: bool = False
+    resume_rewind: bool = False  # go back to an explicit target older than the run's newest checkpoint
     resume_full_model_dir: str | None = None
     # --- full training (FSDP/DDP; `steadyvla train`)
     pretrained_checkpoint: str | None = None

@@ -11,6 +11,7 @@ import shutil
 from pathlib import Path
 
 from steadyvla.checkpoint.layout import METRICS_JSONL
+from steadyvla.checkpoint.run_lock import describe_holder, is_locked_elsewhere, read_holder
 from steadyvla.config import ConfigError, RunConfig
 from steadyvla.train.finetune import DEMO_DATASET_NAME
 from steadyvla.train.metrics import read_metrics
@@ -35,6 +36,8 @@ def run_doctor(cfg: RunConfig) -> int:
 
     run_dir = run_dir_for(cfg)
     report(OK, f"run dir: {run_dir} ({'exists' if run_dir.exists() else 'new run'})")
+    if is_locked_elsewhere(run_dir):
+        report(WARN, f"run dir in use by {describe_holder(read_holder(run_dir))}: a start now would be refused")
     data = Path(cfg.data_root_dir) / cfg.dataset_name
     if data.exists():
         report(OK, f"dataset: {data}")

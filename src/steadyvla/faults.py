@@ -1,19 +1,34 @@
-"""Fault injection for crash tests: `STEADYVLA_FAULT=<point>@<step>` SIGKILLs the process there.
+"""Fault injection for crash tests: `STEADYVLA_FAULT=<point>@<step>[:<action>]` fails the process there.
 
-Used by the resume tests to die at moments a random kill rarely hits (e.g. half-way through
-writing a checkpoint). Unset in normal runs, where `fault_point` is a dictionary lookup.
+Used by the resume tests to fail at moments a random kill rarely hits (e.g. half-way through writing a
+checkpoint). Actions: none (SIGKILL the process), `enospc` (raise "No space left on device" every time
+the point is reached), `enospc-once` (only the first time, so a retry succeeds). Unset in normal runs,
+where `fault_point` is a dictionary lookup.
 """
 
 from __future__ import annotations
 
+import errno
 import os
 import signal
 
 FAULT_ENV = "STEADYVLA_FAULT"
+_fired: set[str] = set()
 
 
 def fault_point(name: str, step: int) -> None:
-    """SIGKILL this process if STEADYVLA_FAULT names this point and step."""
+    """Fail here as STEADYVLA_FAULT says, if it names this point and step."""
     spec = os.environ.get(FAULT_ENV)
-    if spec and spec == f"{name}@{step}":
+    if not spec:
+        return
+    point, _, action = spec.partition(":")
+    if point != f"{name}@{step}":
+        return
+    if not action:
         os.kill(os.getpid(), signal.SIGKILL)
+    if action not in ("enospc", "enospc-once"):
+        raise ValueError(f"{FAULT_ENV}={spec!r}: unknown action {action!r} (none, enospc, enospc-once)")
+    if action == "enospc-once" and point in _fired:
+        return
+    _fired.add(point)
+    raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), f"injected by {FAULT_ENV}")

@@ -55,6 +55,11 @@ class AsyncCheckpointWriter(Generic[T]):
         finally:
             self.last_elapsed_s = time.monotonic() - self._started
 
+    @property
+    def finished(self) -> bool:
+        """True when a save was submitted and has ended (successfully or not) but was not collected."""
+        return self._thread is not None and not self._thread.is_alive()
+
     def wait(self) -> T | None:
         """Block until the save in flight (if any) is done; return its result or raise its error.
 

@@ -3,7 +3,7 @@
 A run dir looks like::
 
     <run_dir>/
-      config.yaml  starts.jsonl  metrics.jsonl  dataset_statistics.json  tb/
+      config.yaml  starts.jsonl  metrics.jsonl  dataset_statistics.json  tb/  run.lock  errors.log
       checkpoints/
         step-000250/                         LoRA run
         step-000250-epoch-00-loss=2.3456/    full run
@@ -25,6 +25,8 @@ METRICS_JSONL = "metrics.jsonl"
 DATASET_STATISTICS = "dataset_statistics.json"
 TENSORBOARD_DIR = "tb"
 CHECKPOINTS_DIR = "checkpoints"
+RUN_LOCK_FILE = "run.lock"  # flock'ed by the process that trains into the run dir (run_lock.py)
+ERROR_LOG = "errors.log"  # full tracebacks of runs that ended with an `error:` line
 
 # checkpoints/
 LATEST_FILE = "latest"

@@ -34,6 +34,7 @@ from steadyvla.checkpoint.layout import (
     step_dir_name,
 )
 from steadyvla.checkpoint.manifest import verify_checkpoint, write_manifest
+from steadyvla.checkpoint.run_lock import RunLock
 
 
 class CheckpointError(RuntimeError):
@@ -71,7 +72,9 @@ def _remove(path: Path) -> None:
 class CheckpointManager:
     """Atomic saves, verified resume and retention for one run dir's ``checkpoints/``.
 
-    Only one process (rank 0) may save into a run dir; saves through one manager are serialized.
+    Only one process (rank 0) may save into a run dir: every save (and the cleanup of leftovers of
+    killed saves) runs under the run dir's lock (``RunLock``, re-entrant for the process that
+    already holds it for the whole run). Saves through one manager are serialized.
     ``keep_last_k`` keeps the k newest complete checkpoints, ``save_latest_only`` keeps one;
     with neither, every complete checkpoint is kept.
     """
@@ -100,7 +103,8 @@ class CheckpointManager:
         name = dir_name if dir_name is not None else step_dir_name(step)
         if not name or "/" in name or os.sep in name or name.startswith(".") or name == LATEST_FILE:
             raise ValueError(f"invalid checkpoint dir name {name!r}")
-        with self._lock:
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        with self._lock, RunLock.acquire(self.run_dir):
             self._prepare_root()
             tmp = self.root / f"{TMP_DIR_PREFIX}{name}-{os.getpid()}"
             _remove(tmp)
@@ -230,7 +234,8 @@ class CheckpointManager:
         rest = [i for i in infos if i.step <= start.step and i.name != start.name]
         return [start] + rest[::-1]
 
-    def _resolve_latest(self) -> tuple[Path | None, list[str]]:
+    def resolve_latest_explained(self) -> tuple[Path | None, list[str]]:
+        """``resolve_latest`` plus one message per checkpoint it skipped (which one and why)."""
         skipped: list[str] = []
         for info in self._candidates():
             problems = verify_checkpoint(info.path, deep=True)
@@ -249,7 +254,14 @@ class CheckpointManager:
         Starts at the one ``latest`` names (or the highest step if ``latest`` is missing or
         dangling) and walks back to older ones, logging which checkpoint was skipped and why.
         """
-        return self._resolve_latest()[0]
+        return self.resolve_latest_explained()[0]
+
+    def set_latest(self, name: str) -> None:
+        """Point ``latest`` at the complete checkpoint ``name`` (an explicit rewind), under the run lock."""
+        if verify_checkpoint(self.root / name, deep=False):
+            raise CheckpointError(f"cannot make {CHECKPOINTS_DIR}/{name} latest: it is not complete")
+        with self._lock, RunLock.acquire(self.run_dir):
+            atomic_write_text(self.root / LATEST_FILE, name + "\n")
 
     def resolve_explicit(self, path: Path) -> Path:
         """Resolve a user-named checkpoint dir or run dir; raise ``CheckpointError`` if unusable.
@@ -270,7 +282,7 @@ class CheckpointManager:
             run_dir = path.parent
         if run_dir is not None:
             manager = CheckpointManager(run_dir, log=self.log)
-            found, skipped = manager._resolve_latest()
+            found, skipped = manager.resolve_latest_explained()
             if found is None:
                 detail = "".join(f"\n  {m}" for m in skipped)
                 raise CheckpointError(f"run dir {run_dir} has no complete checkpoint{detail}")

@@ -38,8 +38,7 @@ def ckpt_ls(run_dir: Path) -> int:
 
 
 def ckpt_verify(run_dir: Path) -> int:
-    """Hash every file against its manifest; exit 1 if the checkpoint `resume: auto` would use is
-    not the one `latest` names, or if none is usable."""
+    """Hash every file against its manifest; exit 1 if any checkpoint fails or none is usable."""
     manager = _manager(run_dir)
     infos = manager.list_checkpoints(deep=True)
     for info in infos:
@@ -49,7 +48,9 @@ def ckpt_verify(run_dir: Path) -> int:
             print(f"    {problem}")
     chosen = manager.resolve_latest()
     if chosen is None:
-        print("no usable checkpoint: resume: auto would start fresh")
+        print("no usable checkpoint: resume: auto would refuse to start (it never overwrites checkpoints it "
+              "cannot verify); `resume: never` with another run_id starts over" if infos else
+              "no checkpoint: resume: auto would start fresh")
         return 1
     print(f"resume: auto would continue from {chosen}")
     return 0 if all(i.complete for i in infos) else 1

@@ -48,12 +48,18 @@ class ResumableBatchSampler:
     """Infinite batch sampler over epochs; yields this rank's sample keys for each global batch.
 
     A global batch is `batch_size * world_size` consecutive entries of the epoch permutation;
-    rank r takes entries r, r + W, ... . The epoch's last global batch may be short (never dropped,
-    so every index is seen exactly once per epoch).
+    rank r takes entries r, r + W, ... . Every global batch is full, so every rank always gets
+    exactly `batch_size` samples (an empty or short local batch would crash the collator or weigh
+    ranks unequally): the epoch's last global batch wraps around to the start of the same epoch's
+    permutation. Every index is seen at least once per epoch; the few wrapped ones twice. The batch
+    at a position depends only on (seed, epoch, position, global batch size), so it is the same
+    after a restart and well defined after a world-size change.
     """
 
     def __init__(self, num_samples: int, batch_size: int, *, seed: int, rank: int = 0, world_size: int = 1,
                  shuffle: bool = True, start: DataPosition | None = None):
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         if num_samples < 1:
             raise ValueError(f"dataset is empty (num_samples={num_samples})")
         if not 0 <= rank < world_size:
@@ -87,8 +93,9 @@ class ResumableBatchSampler:
         return DataPosition(pos.epoch + 1, 0) if nxt >= self.num_samples else DataPosition(pos.epoch, nxt)
 
     def global_batch(self, pos: DataPosition) -> np.ndarray:
-        """Dataset indices of the global batch that starts at `pos`."""
-        return self.permutation(pos.epoch)[pos.position: pos.position + self.global_batch_size]
+        """Dataset indices of the global batch that starts at `pos` (always `global_batch_size` of them)."""
+        perm = self.permutation(pos.epoch)
+        return perm[(pos.position + np.arange(self.global_batch_size)) % self.num_samples]
 
     def local_keys(self, pos: DataPosition) -> list[int]:
         """This rank's sample keys for the global batch at `pos`."""

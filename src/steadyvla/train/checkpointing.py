@@ -18,7 +18,10 @@ from peft import PeftModel, get_peft_model_state_dict, set_peft_model_state_dict
 from safetensors.torch import load_file, save_file
 
 from steadyvla.checkpoint.async_writer import AsyncCheckpointWriter
-from steadyvla.checkpoint.layout import ADAPTER_CONFIG, ADAPTER_WEIGHTS, TRAINER_STATE_JSON, TRAINER_STATE_TENSORS
+from steadyvla.checkpoint.layout import (
+    ADAPTER_CONFIG, ADAPTER_WEIGHTS, CHECKPOINTS_DIR, LATEST_FILE, TRAINER_STATE_JSON, TRAINER_STATE_TENSORS,
+    step_dir_name,
+)
 from steadyvla.checkpoint.manager import CheckpointManager
 from steadyvla.checkpoint.state import (
     cpu_copy, restore_optimizer, restore_rng, select_prefix, snapshot_optimizer, snapshot_rng, snapshot_tensors,
@@ -33,6 +36,7 @@ from steadyvla.versions import library_versions
 
 STATE_FORMAT_VERSION = 1
 METHOD_PREFIX = "method"
+REWINDS_KEY = "rewinds"  # trainer_state.json: the explicit rewinds (name@step) this history went through
 
 
 @dataclass
@@ -46,6 +50,7 @@ class TrainState:
     global_step: int = 0
     metrics_state: dict[str, Any] = field(default_factory=dict)
     hooks: list[TrainHook] = field(default_factory=list)
+    rewinds: list[str] = field(default_factory=list)
 
 
 @dataclass
@@ -88,6 +93,7 @@ def take_snapshot(state: TrainState, cfg: RunConfig, env: DistEnv = DistEnv()) -
         "metrics": state.metrics_state,
         "method": method_meta,
         "world_size": env.world_size,
+        REWINDS_KEY: list(state.rewinds),
         "config_digest": cfg.digest(),
         "config": cfg.to_dict(),
         "versions": library_versions(),
@@ -132,11 +138,21 @@ def load_into(state: TrainState, ckpt_dir: Path, *, rank: int = 0, log: Callable
     state.global_step = int(meta["global_step"])
     state.data_position = DataPosition.from_dict(meta["data_position"])
     state.metrics_state = meta.get("metrics", {})
+    state.rewinds = list(meta.get(REWINDS_KEY, []))
     return meta
 
 
+class SaveFailed(RuntimeError):
+    """A checkpoint could not be written, also on the retry; the message names it and the cause."""
+
+
 class TrainerCheckpointer:
-    """Saves TrainState checkpoints, one at a time, optionally in the background."""
+    """Saves TrainState checkpoints, one at a time, optionally in the background.
+
+    A failed save (disk full, ...) is retried once from the same in-memory snapshot: at once for a
+    blocking save, at the next optimizer-step boundary (`check`) for a background one. A second
+    failure stops the run with `SaveFailed`; `latest` still names the previous complete checkpoint.
+    """
 
     def __init__(self, run_dir: Path, cfg: RunConfig, log: Callable[[str], None], env: DistEnv = DistEnv()):
         self.cfg = cfg
@@ -146,25 +162,57 @@ class TrainerCheckpointer:
         )
         self.writer = AsyncCheckpointWriter()
         self.log = log
+        self._pending: Snapshot | None = None  # submitted to the writer, not yet known to be written
 
     def save(self, state: TrainState, *, blocking: bool = False) -> None:
         """Snapshot now; write now (blocking) or on the background thread. Every rank calls it
         (the RNG gather is collective); only rank 0 writes."""
-        self.writer.wait()  # never two saves in flight; the snapshot reuses host buffers
+        self.wait()  # never two saves in flight; the snapshot reuses host buffers
         snapshot = take_snapshot(state, self.cfg, self.env)
         if snapshot is None:
             return
-
-        def write() -> Path:
-            return self.manager.save(snapshot.step, lambda d: write_snapshot(snapshot, d))
-
         if blocking or not self.cfg.async_save:
-            self.writer.wait()
-            path = write()
-            self.log(f"saved checkpoint {path}")
+            self.log(f"saved checkpoint {self._write_retrying(snapshot)}")
         else:
-            self.writer.submit(write)
+            self._pending = snapshot
+            self.writer.submit(lambda: self._write(snapshot), label=step_dir_name(snapshot.step))
+
+    def check(self) -> None:
+        """At a step boundary: collect a finished background save; retry it once if it failed."""
+        if self.writer.finished:
+            self.wait()
 
     def wait(self) -> None:
-        """Block until the save in flight (if any) is complete; re-raise its error."""
-        self.writer.wait()
+        """Block until the save in flight (if any) is written, retrying it once if it failed."""
+        snapshot, self._pending = self._pending, None
+        try:
+            self.writer.wait()
+        except Exception as err:  # noqa: BLE001 - any failure of the write is retried, then reported
+            if snapshot is None:
+                raise
+            self._write_retrying(snapshot, err)
+
+    def _write(self, snapshot: Snapshot) -> Path:
+        return self.manager.save(snapshot.step, lambda d: write_snapshot(snapshot, d))
+
+    def _write_retrying(self, snapshot: Snapshot, error: Exception | None = None) -> Path:
+        name = f"{CHECKPOINTS_DIR}/{step_dir_name(snapshot.step)}"
+        if error is None:
+            try:
+                return self._write(snapshot)
+            except Exception as err:  # noqa: BLE001
+                error = err
+        self.log(f"saving checkpoint {name} failed ({_cause(error)}); retrying once")
+        try:
+            return self._write(snapshot)
+        except Exception as err:  # noqa: BLE001
+            latest = self.manager.read_latest()
+            raise SaveFailed(
+                f"saving checkpoint {name} failed twice: {_cause(err)}. Training stopped at step {snapshot.step}; "
+                f"{CHECKPOINTS_DIR}/{LATEST_FILE} still names {latest or 'no checkpoint'}. Fix the cause (e.g. free "
+                f"disk space in {self.manager.root}) and run the same command again to continue from there"
+            ) from err
+
+
+def _cause(err: BaseException) -> str:
+    return f"{type(err).__name__}: {err}"

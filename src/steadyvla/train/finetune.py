@@ -12,6 +12,8 @@ import torch
 from torch.utils.data import DataLoader
 
 from steadyvla.checkpoint.layout import DATASET_STATISTICS
+from steadyvla.checkpoint.manager import CheckpointError
+from steadyvla.checkpoint.run_lock import RunDirBusy, RunLock
 from steadyvla.config import ConfigError, RunConfig
 from steadyvla.data.dataset import PaddedCollator, VLADataset
 from steadyvla.data.frames import FrameSource
@@ -27,11 +29,12 @@ from steadyvla.train.hooks import TrainHook
 from steadyvla.train.loop import LoopResult, run_loop
 from steadyvla.train.metrics import MetricsLogger
 from steadyvla.train.optim import build_optimizer, build_scheduler
-from steadyvla.train.resume import ResumePlan, config_changes, plan_resume
-from steadyvla.train.run_dir import record_start, run_dir_for
-from steadyvla.train.signals import PreemptionFlag
+from steadyvla.train.resume import ResumePlan, apply_rewind, config_changes, plan_resume
+from steadyvla.train.run_dir import record_error, record_start, run_dir_for
+from steadyvla.train.signals import PreemptionFlag, ignore_preemption_signals
 
 DEMO_DATASET_NAME = "metaworld_demo"
+USER_ERRORS = (ConfigError, CheckpointError, RunDirBusy)  # refusals: `error:` line, exit status 2
 T = TypeVar("T")
 
 
@@ -99,9 +102,18 @@ def finetune(cfg: RunConfig, log: Callable[[str], None] = say) -> LoopResult:
     if not cfg.use_lora:
         raise ConfigError("config field `use_lora`: false is full training; use `steadyvla train` for that")
     env = init_distributed()
+    # from the very start: a preemption signal during setup is honoured after the first step, not fatal
+    preemption = PreemptionFlag().install()
     try:
-        return _finetune(cfg, env, log if env.is_main else (lambda _message: None))
+        return _finetune(cfg, env, log if env.is_main else (lambda _message: None), preemption)
+    except USER_ERRORS:
+        raise  # their message says it all; a refused start writes nothing
+    except Exception as err:
+        if env.is_main:
+            err.traceback_file = record_error(run_dir_for(cfg), err)  # type: ignore[attr-defined]
+        raise
     finally:
+        preemption.uninstall()
         shutdown(env)
 
 
@@ -113,16 +125,41 @@ def _main_rank_first(env: DistEnv, work: Callable[[], T]) -> T:
     return result if env.is_main else work()
 
 
-def _finetune(cfg: RunConfig, env: DistEnv, log: Callable[[str], None]) -> LoopResult:
+def _lock_run_dir(run_dir: Path, env: DistEnv) -> RunLock | None:
+    """Rank 0 owns the run dir for the life of the run (the other ranks only read it)."""
+    if not env.is_main:
+        return None
+    run_dir.mkdir(parents=True, exist_ok=True)
+    return RunLock.acquire(run_dir)
+
+
+def _finetune(cfg: RunConfig, env: DistEnv, log: Callable[[str], None], preemption: PreemptionFlag) -> LoopResult:
     run_dir = run_dir_for(cfg)
     for note in unavailable_settings(cfg):
         log(note)
-    plan: ResumePlan = plan_resume(cfg, run_dir, log)  # may raise before anything is written
-    changes = config_changes(cfg, plan)
-    if plan.checkpoint is not None and plan.step >= cfg.max_steps:
-        log(f"run already complete: checkpoint step {plan.step} >= max_steps {cfg.max_steps}; nothing to do")
-        return LoopResult(plan.step, preempted=False)
+    # An existing run dir is locked before it is read, so the plan cannot race a live run; a new one is
+    # created only once the config has been checked (a refused start leaves no directory behind).
+    lock = _lock_run_dir(run_dir, env) if run_dir.exists() else None
+    try:
+        plan: ResumePlan = plan_resume(cfg, run_dir, log)  # may raise before anything is written
+        changes = config_changes(cfg, plan)
+        if plan.checkpoint is not None and plan.step >= cfg.max_steps:
+            log(f"run already complete: checkpoint step {plan.step} >= max_steps {cfg.max_steps}; nothing to do")
+            return LoopResult(plan.step, preempted=False)
+        if lock is None:
+            lock = _lock_run_dir(run_dir, env)
+        if lock is not None:
+            lock.announce()
+            apply_rewind(run_dir, plan, log)
+        return _train(cfg, env, log, run_dir, plan, changes, preemption)
+    finally:
+        if lock is not None:
+            lock.release()
 
+
+def _train(cfg: RunConfig, env: DistEnv, log: Callable[[str], None], run_dir: Path, plan: ResumePlan,
+           changes: dict, preemption: PreemptionFlag) -> LoopResult:
+    """Build model and data, restore the plan's checkpoint, run the loop (the run dir is locked)."""
     source = _main_rank_first(env, lambda: open_training_data(cfg, log))
     if cfg.method_enabled:  # before seeding: building the teacher must not shift the run's RNG
         from steadyvla.method.build_icsm import ensure_icsm, load_probe
@@ -136,7 +173,8 @@ def _finetune(cfg: RunConfig, env: DistEnv, log: Callable[[str], None]) -> LoopR
             log(f"world size {changes['world_size']['checkpoint']} -> {env.world_size}: the global sample order "
                 "continues where it stopped; the global batch is now batch_size x world size")
         record_start(run_dir, cfg, resumed_from=str(plan.checkpoint) if plan.checkpoint else None,
-                     resumed_step=plan.step, changes=changes)
+                     resumed_step=plan.step, changes=changes,
+                     rewind={"from": plan.rewind_from, "to": plan.checkpoint.name} if plan.rewind_from else None)
     stats = action_statistics(cfg, source, run_dir, resuming=plan.checkpoint is not None, write=env.is_main)
     device = env.device
 
@@ -156,6 +194,8 @@ def _finetune(cfg: RunConfig, env: DistEnv, log: Callable[[str], None]) -> LoopR
     state = TrainState(model, optimizer, scheduler, DataPosition(), hooks=hooks)
     if plan.checkpoint is not None:
         load_into(state, plan.checkpoint, rank=env.rank, log=say)
+        if plan.rewind_mark is not None and plan.rewind_mark not in state.rewinds:
+            state.rewinds.append(plan.rewind_mark)  # later starts with the same flag must not go back again
         log(f"restored step {state.global_step}, epoch {state.data_position.epoch}, sample "
             f"{state.data_position.position} of {len(source)}, lr {scheduler.get_last_lr()[0]:.3e}")
     else:
@@ -172,16 +212,15 @@ def _finetune(cfg: RunConfig, env: DistEnv, log: Callable[[str], None]) -> LoopR
                         collate_fn=PaddedCollator(int(tokenizer.pad_token_id)),
                         pin_memory=device.type == "cuda", persistent_workers=cfg.num_workers > 0,
                         # own generator: creating the iterator must not draw from the restored global RNG
-                        generator=torch.Generator().manual_seed(cfg.seed))
+                        generator=torch.Generator().manual_seed(cfg.seed),
+                        worker_init_fn=ignore_preemption_signals if cfg.num_workers > 0 else None)
     logger = MetricsLogger(run_dir, resume_step=state.global_step, enabled=env.is_main)
     logger.load_state_dict(state.metrics_state)
     checkpointer = TrainerCheckpointer(run_dir, cfg, log, env)
-    preemption = PreemptionFlag().install()
     try:
         result = run_loop(cfg, state, iter(loader), sampler, action_tokenizer, logger, checkpointer, preemption,
                           env, train_model, log)
     finally:
-        preemption.uninstall()
         checkpointer.wait()
         logger.close()
     result.model = model

@@ -89,6 +89,7 @@ def run_loop(
                 logger.log(state.global_step, metrics)
             bar.update(1)
             bar.set_postfix(loss=f"{metrics['train_loss']:.4f}", lr=f"{lr:.2e}")
+            checkpointer.check()  # a failed background save surfaces (and is retried) here
             preempted = any_rank(preemption.requested is not None, env)
             if state.global_step % cfg.save_steps == 0 or state.global_step == cfg.max_steps or preempted:
                 state.metrics_state = logger.state_dict()

@@ -5,11 +5,12 @@ from __future__ import annotations
 import json
 import sys
 import time
+import traceback
 from pathlib import Path
 from typing import Any
 
 from steadyvla.checkpoint.atomic import atomic_write_text
-from steadyvla.checkpoint.layout import CONFIG_YAML, STARTS_JSONL
+from steadyvla.checkpoint.layout import CONFIG_YAML, ERROR_LOG, STARTS_JSONL
 from steadyvla.config import RunConfig, dump_config
 from steadyvla.versions import library_versions
 
@@ -38,7 +39,7 @@ def run_dir_for(cfg: RunConfig) -> Path:
 
 
 def record_start(run_dir: Path, cfg: RunConfig, *, resumed_from: str | None, resumed_step: int,
-                 changes: dict[str, Any]) -> None:
+                 changes: dict[str, Any], rewind: dict[str, str] | None = None) -> None:
     """Write config.yaml on the first start; append this start to starts.jsonl."""
     run_dir.mkdir(parents=True, exist_ok=True)
     if not (run_dir / CONFIG_YAML).exists():
@@ -49,7 +50,21 @@ def record_start(run_dir: Path, cfg: RunConfig, *, resumed_from: str | None, res
         "resumed_from": resumed_from,
         "resumed_step": resumed_step,
         "changed_fields": changes,
+        "rewind": rewind,  # {"from": the abandoned latest, "to": the checkpoint it went back to}
         "versions": library_versions(),
     }
     with (run_dir / STARTS_JSONL).open("a") as f:
         f.write(json.dumps(entry) + "\n")
+
+
+def record_error(run_dir: Path, err: BaseException) -> Path | None:
+    """Append `err`'s full traceback to the run dir's errors.log (if the run dir exists); return its path.
+
+    The command line then shows one `error:` line naming this file instead of the traceback."""
+    if not run_dir.is_dir():
+        return None
+    path = run_dir / ERROR_LOG
+    with path.open("a") as f:
+        f.write(f"--- {time.strftime('%Y-%m-%dT%H:%M:%S%z')} {' '.join(sys.argv)}\n")
+        f.write("".join(traceback.format_exception(err)))
+    return path

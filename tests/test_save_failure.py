@@ -1,0 +1,53 @@
+"""A background save that fails (disk full) is retried once at the next step boundary, then stops the run
+with one `error:` line; the traceback goes to the run dir's errors.log."""
+
+from __future__ import annotations
+
+from helpers import (
+    MAX_STEPS, assert_same_as_reference, finetune_args, metrics_lines, resume_values, run_cli, run_dir_of,
+)
+from steadyvla.checkpoint.layout import CHECKPOINTS_DIR, ERROR_LOG, LATEST_FILE
+from steadyvla.cli import main
+from steadyvla.faults import FAULT_ENV
+
+
+def test_failed_background_save_is_retried_once_and_the_run_stays_bit_exact(synthetic_root, tmp_path,
+                                                                            resume_reference):
+    values = resume_values(synthetic_root, tmp_path)
+    done = run_cli(finetune_args(values), extra_env={FAULT_ENV: "mid_save@4:enospc-once"})
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert ("saving checkpoint checkpoints/step-000004 failed (OSError: [Errno 28] No space left on device: "
+            "'injected by STEADYVLA_FAULT'); retrying once") in done.stdout
+    assert_same_as_reference(values, resume_reference)
+
+
+def test_save_failing_twice_stops_at_the_next_step_with_one_error_line(synthetic_root, tmp_path):
+    values = resume_values(synthetic_root, tmp_path)
+    run_dir = run_dir_of(values)
+    failed = run_cli(finetune_args(values), extra_env={FAULT_ENV: "mid_save@4:enospc"})
+    assert failed.returncode == 1, failed.stdout + failed.stderr
+    lines = failed.stderr.strip().splitlines()
+    assert "Traceback" not in failed.stderr and sum(line.startswith("error:") for line in lines) == 1
+    error = lines[-1]
+    assert error.startswith("error: SaveFailed: saving checkpoint checkpoints/step-000004 failed twice: OSError: "
+                            "[Errno 28] No space left on device"), error
+    assert f"full traceback in {run_dir / ERROR_LOG}" in error
+    assert "Traceback" in (run_dir / ERROR_LOG).read_text()
+    assert (run_dir / CHECKPOINTS_DIR / LATEST_FILE).read_text().strip() == "step-000002"
+    assert not (run_dir / CHECKPOINTS_DIR / "step-000004").exists()
+    assert 4 <= metrics_lines(run_dir)[-1]["step"] < MAX_STEPS  # stopped at a step boundary soon after
+
+
+def test_unexpected_exceptions_are_one_error_line_and_debug_shows_the_traceback(tmp_path, capsys, monkeypatch):
+    import steadyvla.cli as cli
+
+    def boom(args, extra):
+        raise KeyError("surprise")
+
+    monkeypatch.setitem(cli.COMMANDS, "ckpt", boom)
+    assert main(["ckpt", "ls", str(tmp_path)]) == 1
+    err = capsys.readouterr().err
+    assert err == "error: KeyError: 'surprise' (rerun with --debug for the full traceback)\n"
+    assert main(["ckpt", "ls", str(tmp_path), "--debug"]) == 1
+    err = capsys.readouterr().err
+    assert "Traceback" in err and err.strip().splitlines()[-1].startswith("error: KeyError")
