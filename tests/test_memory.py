@@ -1,0 +1,140 @@
+"""Memory preflight (estimate vs measured peak, refusal with the numbers, --force), memory keys in
+metrics.jsonl, and a CUDA OOM inside a step (injected) that saves the last completed step exactly."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from helpers import (
+    MAX_STEPS, assert_same_as_reference, cli_env, finetune_args, resume_values, run_cli, run_dir_of,
+)
+from steadyvla.checkpoint.layout import CHECKPOINTS_DIR, LATEST_FILE, METRICS_JSONL, TRAINER_STATE_JSON
+from steadyvla.faults import FAULT_ENV
+from steadyvla.memory_estimate import GIB
+from steadyvla.memory_report import MemoryWillNotFit, Preflight, enforce, run_preflight
+from steadyvla.memory_runtime import HOST_PEAK_RSS, HOST_RSS, HostMemory, host_memory, host_rss
+from steadyvla.train.metrics import read_metrics
+
+# Runs finetune in a fresh interpreter and prints the preflight's host estimate and the measured peak RSS.
+MEASURE = """
+import json, resource, sys
+from steadyvla.config import build_config
+from steadyvla.train.finetune import finetune
+result = finetune(build_config(json.loads(sys.argv[1])), log=lambda m: None)
+print(json.dumps({"estimate": result.memory_estimate.host_total,
+                  "peak": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}))
+"""
+TOLERANCE = 0.20
+HUGE = dict(model_preset="openvla-7b", dtype="bfloat16", batch_size=4096)  # ~8 TiB of activations
+
+
+def _measure(values: dict) -> dict:
+    done = subprocess.run([sys.executable, "-c", MEASURE, json.dumps(values)], env=cli_env(), capture_output=True,
+                          text=True, timeout=300)
+    assert done.returncode == 0, done.stdout + done.stderr
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+@pytest.mark.parametrize("batch_size,method", [(2, False), (16, False), (8, True)])
+def test_host_estimate_is_within_20_percent_of_the_measured_peak_rss(synthetic_root, tmp_path, batch_size, method):
+    values = dict(data_root_dir=str(synthetic_root), dataset_name="synth", run_root_dir=str(tmp_path),
+                  batch_size=batch_size, max_steps=3, save_steps=3, lora_rank=4, progress_bar=False,
+                  method_enabled=method, probe_size=16, probe_batch_size=4)
+    got = _measure(values)
+    error = got["estimate"] / got["peak"] - 1
+    print(f"batch_size={batch_size} method={method}: estimate {got['estimate'] / GIB:.3f} GiB, "
+          f"measured peak RSS {got['peak'] / GIB:.3f} GiB ({error:+.1%})")
+    assert abs(error) <= TOLERANCE
+
+
+def test_a_run_that_cannot_fit_stops_before_step_1_with_the_numbers_and_the_knobs(synthetic_root, tmp_path):
+    values = resume_values(synthetic_root, tmp_path, **HUGE)
+    done = run_cli(finetune_args(values))
+    assert done.returncode == 2, done.stdout + done.stderr
+    assert done.stderr.startswith("error: memory preflight: this run will not fit: host: needs ")
+    assert "activations" in done.stderr and "estimated peak" in done.stderr and "GiB available" in done.stderr
+    assert "--batch_size " in done.stderr and "--force true" in done.stderr
+    assert not tmp_path.joinpath("exact").exists()  # nothing on disk: not even the run dir
+
+
+def test_steadyvla_memory_prints_the_table_and_doctor_reports_the_verdict(synthetic_root, tmp_path):
+    values = resume_values(synthetic_root, tmp_path)
+    args = finetune_args(values)[1:]
+    shown = run_cli(["memory", *args])
+    assert shown.returncode == 0, shown.stdout + shown.stderr
+    assert "python/torch baseline (measured)" in shown.stdout and shown.stdout.strip().endswith("fits")
+    huge = run_cli(["memory", *finetune_args(resume_values(synthetic_root, tmp_path, **HUGE))[1:]])
+    assert huge.returncode == 2 and "will NOT fit" in huge.stdout
+    doctor = run_cli(["doctor", *finetune_args(resume_values(synthetic_root, tmp_path, **HUGE))[1:]])
+    assert doctor.returncode == 1 and "[FAIL] memory: will not fit: host: needs" in doctor.stdout
+
+
+def _report(problems: list[str]) -> Preflight:
+    from steadyvla.memory_estimate import MemoryEstimate
+
+    return Preflight(MemoryEstimate(host={"x": GIB}), HostMemory(GIB, None, "test"), 0, None, problems, ["--knob"])
+
+
+def test_force_goes_ahead_and_the_refusal_is_a_config_error(make_config):
+    messages: list[str] = []
+    enforce(_report(["host: needs 9 GiB"]), make_config(force=True), messages.append)
+    assert "force: true: starting anyway" in messages[-1]
+    with pytest.raises(MemoryWillNotFit, match="host: needs 9 GiB"):
+        enforce(_report(["host: needs 9 GiB"]), make_config(), messages.append)
+
+
+def test_knobs_keep_the_global_batch_and_fit(make_config):
+    cfg = make_config(**HUGE, grad_accumulation_steps=1)
+    report = run_preflight(cfg, torch.device("cpu"))
+    assert not report.fits
+    knob = report.knobs[0]
+    small = int(knob.split()[1])
+    assert f"--grad_accumulation_steps {4096 // small}" in knob and small < 4096
+
+
+def test_host_limits_and_rss_are_read():
+    host = host_memory()
+    assert host.available > 0
+    assert host_rss() >= host_rss(include_children=False) > 100 * 2**20
+
+
+def test_memory_keys_are_logged_at_every_logging_step(make_config):
+    from steadyvla.train.finetune import finetune
+    from steadyvla.train.run_dir import run_dir_for
+
+    cfg = make_config(max_steps=2, save_steps=2)
+    finetune(cfg, log=lambda m: None)
+    rows = read_metrics(run_dir_for(cfg) / METRICS_JSONL)
+    assert [r["step"] for r in rows] == [1, 2]
+    for row in rows:
+        assert 0.1 < row[HOST_RSS] <= row[HOST_PEAK_RSS] + 0.5
+        assert "gpu_peak_alloc_gib" not in row  # CPU
+
+
+def test_oom_inside_a_step_saves_the_last_completed_step_and_resumes_bit_exact(synthetic_root, tmp_path,
+                                                                               resume_reference):
+    values = resume_values(synthetic_root, tmp_path)  # save_steps 2, grad accumulation 2
+    run_dir = run_dir_of(values)
+    # step 6 fails after the first micro-batch's backward: a gradient is half accumulated, the data
+    # position and the RNG have moved; step 5 is complete but not a save step
+    failed = run_cli(finetune_args(values), extra_env={FAULT_ENV: "backward@6:oom"})
+    assert failed.returncode == 1, failed.stdout + failed.stderr
+    error = failed.stderr.strip().splitlines()
+    assert sum(line.startswith("error:") for line in error) == 1
+    text = failed.stderr
+    assert "out of memory in step 6 (OutOfMemoryError)" in text and "host peak RSS" in text
+    assert "the preflight estimated" in text and "saved checkpoint checkpoints/step-000005" in text
+    assert "--batch_size 1 --grad_accumulation_steps 4" in text and "--activation_checkpointing true" in text
+    assert (run_dir / CHECKPOINTS_DIR / LATEST_FILE).read_text().strip() == "step-000005"
+    state = json.loads((run_dir / CHECKPOINTS_DIR / "step-000005" / TRAINER_STATE_JSON).read_text())
+    assert state["global_step"] == 5 and state["data_position"]["position"] == 5 * 2 * 2
+    done = run_cli(finetune_args(values))
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "restored step 5" in done.stdout
+    assert_same_as_reference(values, resume_reference)
+    assert MAX_STEPS == 8
