@@ -11,7 +11,8 @@ import pytest
 import torch
 
 from helpers import (
-    MAX_STEPS, assert_same_as_reference, cli_env, finetune_args, resume_values, run_cli, run_dir_of,
+    MAX_STEPS, assert_bitwise_equal, assert_same_as_reference, checkpoint_tensors, cli_env, finetune_args,
+    metrics_lines, resume_values, run_cli, run_dir_of,
 )
 from steadyvla.checkpoint.layout import CHECKPOINTS_DIR, LATEST_FILE, METRICS_JSONL, TRAINER_STATE_JSON
 from steadyvla.faults import FAULT_ENV
@@ -138,3 +139,44 @@ def test_oom_inside_a_step_saves_the_last_completed_step_and_resumes_bit_exact(s
     assert "restored step 5" in done.stdout
     assert_same_as_reference(values, resume_reference)
     assert MAX_STEPS == 8
+
+
+def test_oom_in_a_method_step_restores_drift_probe_position_and_beta_gamma(synthetic_root, tmp_path):
+    """The Thermostat measures drift at the start of every warmup step (probe position, drift history
+    move before the OOM): the saved step must still be the uninterrupted run's."""
+    values = dict(data_root_dir=str(synthetic_root), dataset_name="synth", run_root_dir=str(tmp_path / "runs"),
+                  run_id="m", batch_size=2, grad_accumulation_steps=2, max_steps=6, save_steps=2, lora_rank=4,
+                  learning_rate=0.05, progress_bar=False, seed=5, method_enabled=True, probe_size=16,
+                  probe_batch_size=4, icsm_rank=8, icsm_sensitivity_samples=8, thermostat_warmup_steps=3,
+                  thermostat_update_interval=1, thermostat_k_beta=50.0, thermostat_k_gamma=100.0,
+                  thermostat_base_scale=0.0, icms_artifact_dir=str(tmp_path / "icsm"))
+    reference = {**values, "run_root_dir": str(tmp_path / "ref")}
+    assert run_cli(finetune_args(reference)).returncode == 0
+    failed = run_cli(finetune_args(values), extra_env={FAULT_ENV: "backward@4:oom"})
+    assert failed.returncode == 1 and "saved checkpoint checkpoints/step-000003" in failed.stderr, failed.stderr
+    assert "--probe_batch_size 2" in failed.stderr
+    done = run_cli(finetune_args(values))
+    assert done.returncode == 0, done.stdout + done.stderr
+    ref_dir, run_dir = run_dir_of(reference), run_dir_of(values)
+    assert metrics_lines(run_dir) == metrics_lines(ref_dir)  # loss, drift, beta/gamma trajectory
+    assert_bitwise_equal(checkpoint_tensors(run_dir / CHECKPOINTS_DIR / "step-000006"),
+                         checkpoint_tensors(ref_dir / CHECKPOINTS_DIR / "step-000006"))
+
+
+def test_activation_checkpointing_trains_the_same_model(make_config):
+    from safetensors.torch import load_file
+
+    from steadyvla.train.finetune import finetune
+    from steadyvla.train.run_dir import run_dir_for
+
+    plain = make_config(max_steps=2, save_steps=2, lora_dropout=0.1)
+    recomputed = make_config(max_steps=2, save_steps=2, lora_dropout=0.1, activation_checkpointing=True,
+                             run_id="ac")
+    results = [finetune(cfg, log=lambda m: None) for cfg in (plain, recomputed)]
+    layers = [r.model.get_base_model().language_model.model.layers[0] for r in results]
+    assert [getattr(layer, "gradient_checkpointing", False) for layer in layers] == [False, True]
+    weights = [load_file(str(run_dir_for(c) / CHECKPOINTS_DIR / "step-000002" / "adapter_model.safetensors"))
+               for c in (plain, recomputed)]
+    assert_bitwise_equal(*weights)
+    assert [r["train_loss"] for r in metrics_lines(run_dir_for(plain))] == \
+        [r["train_loss"] for r in metrics_lines(run_dir_for(recomputed))]

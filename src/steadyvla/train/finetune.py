@@ -118,6 +118,13 @@ def finetune(cfg: RunConfig, log: Callable[[str], None] = say) -> LoopResult:
         shutdown(env)
 
 
+def enable_activation_checkpointing(llm: torch.nn.Module) -> None:
+    """Recompute each decoder layer in backward. Non-reentrant: works with frozen inputs and the method's
+    hooks. transformers 5.2x renamed the method (the old name warns)."""
+    enable = getattr(llm, "activation_checkpointing_enable", None) or llm.gradient_checkpointing_enable
+    enable({"use_reentrant": False})
+
+
 def preflight(cfg: RunConfig, env: DistEnv, log: Callable[[str], None]) -> Preflight:
     """The memory preflight: stops the start (MemoryWillNotFit, exit 2) when the run will not fit,
     unless `force`."""
@@ -191,8 +198,8 @@ def _train(cfg: RunConfig, env: DistEnv, log: Callable[[str], None], run_dir: Pa
     tokenizer = load_tokenizer(cfg)
     action_tokenizer = action_tokenizer_for(tokenizer)
     model = wrap_lora(build_vla(cfg, tokenizer, device), cfg)
-    if cfg.activation_checkpointing:  # non-reentrant: works with frozen inputs and the method's hooks
-        model.get_base_model().language_model.gradient_checkpointing_enable({"use_reentrant": False})
+    if cfg.activation_checkpointing:
+        enable_activation_checkpointing(model.get_base_model().language_model)
     if env.rank > 0:  # same weights on every rank (seeded init), different dropout draws
         seed_everything(cfg.seed + env.rank)
     train_model = wrap_data_parallel(model, env)
