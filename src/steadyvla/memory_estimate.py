@@ -90,7 +90,8 @@ class MemoryEstimate:
         return sum(self.host.values())
 
 
-def _vocab_size(cfg: RunConfig) -> int:
+def vocab_size_for(cfg: RunConfig) -> int:
+    """The tokenizer length the model will be built with (Llama-2's when the tokenizer is not at hand)."""
     from steadyvla.model.build import load_tokenizer
 
     try:
@@ -109,7 +110,7 @@ def model_shape(cfg: RunConfig) -> ModelShape:
 
     preset = get_preset(cfg.model_preset)
     with torch.device("meta"):
-        vla = VLA(preset, vocab_size=_vocab_size(cfg), pad_token_id=0)
+        vla = VLA(preset, vocab_size=vocab_size_for(cfg), pad_token_id=0)
         model = get_peft_model(vla, lora_config(cfg))
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     base = sum(p.numel() for p in model.parameters()) - trainable
