@@ -98,6 +98,22 @@ def test_knobs_keep_the_global_batch_and_fit(make_config):
     assert f"--grad_accumulation_steps {4096 // small}" in knob and small < 4096
 
 
+@pytest.mark.parametrize("version", ["v2", "v1"])
+def test_a_cgroup_limit_below_memavailable_is_what_counts(tmp_path, monkeypatch, version):
+    import steadyvla.memory_runtime as runtime
+
+    names = {"v2": ("CGROUP_V2_MAX", "CGROUP_V2_CURRENT"), "v1": ("CGROUP_V1_LIMIT", "CGROUP_V1_USAGE")}
+    for attr in ("CGROUP_V2_MAX", "CGROUP_V2_CURRENT", "CGROUP_V1_LIMIT", "CGROUP_V1_USAGE"):
+        monkeypatch.setattr(runtime, attr, tmp_path / attr)  # absent unless written below
+    limit, usage = names[version]
+    (tmp_path / limit).write_text(f"{GIB}\n")
+    (tmp_path / usage).write_text(f"{GIB // 4}\n")
+    host = runtime.host_memory()
+    assert (host.available, host.limit) == (GIB * 3 // 4, GIB) and "cgroup" in host.source
+    (tmp_path / limit).write_text("max\n" if version == "v2" else f"{2**63 - 4096}\n")  # no limit
+    assert runtime.host_memory().limit is None
+
+
 def test_host_limits_and_rss_are_read():
     host = host_memory()
     assert host.available > 0

@@ -65,7 +65,7 @@ class Preflight:
             if not parts:
                 continue
             lines.append(f"{title}:")
-            lines += [f"  {name:<42} {value / GIB:9.3f} GiB" for name, value in parts.items()]
+            lines += [f"  {name:<42} {value / GIB:9.3f} GiB" for name, value in parts.items() if value]
             lines.append(f"  {'estimated peak':<42} {total / GIB:9.3f} GiB")
         if self.gpu is not None:
             lines.append(f"GPU: {self.gpu[0] / GIB:.1f} GiB free of {self.gpu[1] / GIB:.1f} GiB")
