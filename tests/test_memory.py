@@ -196,3 +196,32 @@ def test_activation_checkpointing_trains_the_same_model(make_config):
     assert_bitwise_equal(*weights)
     assert [r["train_loss"] for r in metrics_lines(run_dir_for(plain))] == \
         [r["train_loss"] for r in metrics_lines(run_dir_for(recomputed))]
+
+
+class _Stub:
+    """Records calls; stands in for the checkpointer and logger where the test shows they are not used."""
+
+    def __init__(self):
+        self.calls: list[str] = []
+
+    def __getattr__(self, name):
+        return lambda *a, **k: self.calls.append(name)
+
+
+@pytest.mark.parametrize("consistent,distributed,expected", [
+    (False, False, "the optimizer update had started, so step 3 cannot be saved exactly"),
+    (True, True, "under data parallelism the other ranks may be waiting in a collective"),
+])
+def test_oom_that_cannot_be_undone_saves_nothing(make_config, consistent, distributed, expected):
+    from steadyvla.distributed import DistEnv
+    from steadyvla.train.oom import StepOutOfMemory, StepStart, stop_after_oom
+
+    param = torch.nn.Parameter(torch.ones(2))
+    param.grad = torch.ones(2)
+    state = type("S", (), {"global_step": 3, "optimizer": torch.optim.AdamW([param]), "hooks": []})()
+    env = DistEnv(world_size=2 if distributed else 1)
+    checkpointer, logger = _Stub(), _Stub()
+    err = stop_after_oom(torch.OutOfMemoryError("CUDA out of memory"), make_config(), state,
+                         StepStart(None, ({}, {}), []), consistent, checkpointer, logger, env, None)
+    assert isinstance(err, StepOutOfMemory) and expected in str(err) and "out of memory in step 4" in str(err)
+    assert param.grad is None and checkpointer.calls == [] and logger.calls == []

@@ -82,8 +82,12 @@ def stop_after_oom(err: BaseException, cfg, state, start: StepStart, consistent:
     if env.device.type == "cuda":
         torch.cuda.empty_cache()
     peaks = gpu_peaks(env.device)
-    where = (f"GPU peak {peaks[0] / GIB:.2f} GiB allocated, {peaks[1] / GIB:.2f} GiB reserved"
-             if peaks else f"host peak RSS {peak_rss() / GIB:.2f} GiB")
+    if peaks:
+        capacity = torch.cuda.get_device_properties(env.device).total_memory
+        where = (f"GPU peak {peaks[0] / GIB:.2f} GiB allocated, {peaks[1] / GIB:.2f} GiB reserved of "
+                 f"{capacity / GIB:.1f} GiB")
+    else:
+        where = f"host peak RSS {peak_rss() / GIB:.2f} GiB"
     if estimate is not None:
         total = estimate.device_total if estimate.on_gpu else estimate.host_total
         where += f"; the preflight estimated {total / GIB:.2f} GiB"
