@@ -325,7 +325,14 @@ def load_config(path: str | Path | None, overrides: dict[str, Any] | None = None
         path = Path(path)
         if not path.is_file():
             raise ConfigError(f"--config {path}: file not found")
-        loaded = yaml.safe_load(path.read_text()) or {}
+        try:
+            loaded = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as err:
+            where = getattr(err, "problem_mark", None)
+            at = f" at line {where.line + 1}, column {where.column + 1}" if where is not None else ""
+            problem = getattr(err, "problem", None) or str(err).splitlines()[0]
+            raise ConfigError(f"--config {path}: not valid YAML{at}: {problem}; fix the file "
+                              "(keys are written `key: value`, one per line)") from None
         if not isinstance(loaded, dict):
             raise ConfigError(f"--config {path}: expected a mapping of `key: value`, got {type(loaded).__name__}")
         values.update(loaded)
