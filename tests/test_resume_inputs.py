@@ -1,5 +1,6 @@
 """Resumes that would silently give a different run are refused; harmless changes are accepted
-(issue 8): critical fields by resolved value, resume_step_override."""
+(issue 8): critical fields by resolved value, resume_step_override,
+a new max_steps under cosine, unreadable inputs."""
 
 import json
 import shutil
@@ -8,10 +9,11 @@ from pathlib import Path
 import pytest
 
 from helpers import config_args, metrics_lines, tree_digest
-from steadyvla.checkpoint.layout import STARTS_JSONL
+from steadyvla.checkpoint.layout import DATASET_STATISTICS, STARTS_JSONL
 from steadyvla.cli import main
 from steadyvla.config import ConfigError, build_config
-from steadyvla.train.finetune import finetune
+from steadyvla.train.finetune import SCHEDULE_REBUILT_RECORD, finetune
+from steadyvla.train.optim import lr_multiplier
 from steadyvla.train.resume import STEP_OVERRIDE_RECORD, ResumePlan, config_changes
 from steadyvla.train.run_dir import run_dir_for
 
@@ -105,3 +107,25 @@ def test_resume_step_override_continues_from_the_stored_step_and_says_so(trained
     run_dir = run_dir_for(build_config(values))
     assert [r["step"] for r in metrics_lines(run_dir)] == [1, 2, 3, 4]
     assert _starts(run_dir)[-1]["changed_fields"][STEP_OVERRIDE_RECORD] == {"requested": 5, "continued_at": 2}
+
+
+# ---- item 12: a new max_steps under cosine applies from the first resumed step
+
+def test_new_max_steps_rebuilds_the_cosine_schedule_before_the_first_resumed_step(trained, tmp_path):
+    values = _copy_run(trained, tmp_path, max_steps=5)
+    assert _start(values) == 0
+    cfg = build_config(values)
+    rows = metrics_lines(run_dir_for(cfg))
+    fresh = [cfg.learning_rate * lr_multiplier(step - 1, cfg) for step in (3, 4, 5)]
+    assert [r["lr"] for r in rows[2:]] == fresh
+    record = _starts(run_dir_for(cfg))[-1]["changed_fields"][SCHEDULE_REBUILT_RECORD]
+    assert record["max_steps"] == {"checkpoint": 2, "now": 5} and record["next_lr"]["now"] == fresh[0]
+
+
+# ---- item 13: unreadable inputs are one error line before anything is written
+
+def test_corrupt_dataset_statistics_is_an_error_before_the_start_is_recorded(trained, tmp_path, capsys):
+    values = _copy_run(trained, tmp_path, max_steps=4)
+    stats = run_dir_for(build_config(values)) / DATASET_STATISTICS
+    stats.write_text('{"synth": {"action": ')
+    _assert_refused(values, capsys, str(stats), "not valid JSON", "delete it")

@@ -12,7 +12,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from steadyvla.checkpoint.layout import DATASET_STATISTICS
-from steadyvla.config import ConfigError, RunConfig
+from steadyvla.config import DEMO_DATASET_NAME, ConfigError, RunConfig
 from steadyvla.data.dataset import PaddedCollator, VLADataset
 from steadyvla.data.frames import FrameSource
 from steadyvla.data.sampler import DataPosition, ResumableBatchSampler
@@ -26,13 +26,14 @@ from steadyvla.train.checkpointing import TrainerCheckpointer, TrainState, load_
 from steadyvla.train.hooks import TrainHook
 from steadyvla.train.loop import LoopResult, run_loop
 from steadyvla.train.metrics import MetricsLogger
-from steadyvla.train.optim import build_optimizer, build_scheduler
+from steadyvla.train.optim import build_optimizer, build_scheduler, rebuild_scheduler, schedule_change
 from steadyvla.train.resume import ResumePlan, config_changes, plan_resume
 from steadyvla.train.run_dir import record_start, run_dir_for
 from steadyvla.train.signals import PreemptionFlag
 
-DEMO_DATASET_NAME = "metaworld_demo"
 T = TypeVar("T")
+# starts.jsonl `changed_fields` entry when a new max_steps changed the restored lr schedule
+SCHEDULE_REBUILT_RECORD = "lr_schedule_rebuilt"
 
 
 def say(message: str) -> None:
@@ -61,19 +62,22 @@ def open_training_data(cfg: RunConfig, log: Callable[[str], None] = say) -> Fram
     return open_frame_source(Path(cfg.data_root_dir), cfg.dataset_name, image_key=cfg.image_key)
 
 
-def action_statistics(cfg: RunConfig, source: FrameSource, run_dir: Path, resuming: bool, write: bool = True) -> dict:
-    """Compute (fresh start) or reload (resume) the run's dataset_statistics.json; return action stats.
-    Every rank computes the same numbers; only the one with `write` writes the file."""
+def action_statistics(cfg: RunConfig, source: FrameSource, run_dir: Path, resuming: bool) -> tuple[dict, bool]:
+    """Reload (resume) or compute (fresh start) the run's statistics {dataset_name: entry}; also
+    whether they were computed and still have to be written. Reads only: a corrupt file is a
+    ConfigError before the start is recorded."""
     path = run_dir / DATASET_STATISTICS
-    if resuming and path.exists():
-        stats = load_dataset_statistics(path)
-    else:
+    computed = not (resuming and path.exists())
+    if computed:
         stats = {cfg.dataset_name: compute_action_statistics(source.actions(), num_trajectories=source.num_episodes)}
-        if write:
-            write_dataset_statistics(path, stats)
+    else:
+        try:
+            stats = load_dataset_statistics(path)
+        except ValueError as err:
+            raise ConfigError(f"{err}. Restore that file, or delete it to have it recomputed from the dataset") from None
     if cfg.dataset_name not in stats:
         raise ConfigError(f"config field `dataset_name`: {cfg.dataset_name!r} not in {path} (has {list(stats)})")
-    return stats[cfg.dataset_name]["action"]
+    return stats, computed
 
 
 def unavailable_settings(cfg: RunConfig) -> list[str]:
@@ -113,6 +117,15 @@ def _main_rank_first(env: DistEnv, work: Callable[[], T]) -> T:
     return result if env.is_main else work()
 
 
+def _note_rebuilt_schedule(cfg: RunConfig, plan: ResumePlan, changes: dict, log: Callable[[str], None]) -> None:
+    """Note a rebuilt lr schedule in `changes` (what starts.jsonl records)."""
+    rebuilt = schedule_change(plan.state["scheduler"], plan.state.get("config", {}).get("max_steps"), cfg)
+    if rebuilt is not None:
+        changes[SCHEDULE_REBUILT_RECORD] = rebuilt
+        log(f"lr schedule rebuilt for max_steps {cfg.max_steps} (checkpoint: {rebuilt['max_steps']['checkpoint']}): "
+            f"next lr {rebuilt['next_lr']['now']:.3e} instead of {rebuilt['next_lr']['checkpoint']:.3e}")
+
+
 def _finetune(cfg: RunConfig, env: DistEnv, log: Callable[[str], None]) -> LoopResult:
     run_dir = run_dir_for(cfg)
     for note in unavailable_settings(cfg):
@@ -129,6 +142,10 @@ def _finetune(cfg: RunConfig, env: DistEnv, log: Callable[[str], None]) -> LoopR
 
         probe = load_probe(cfg, source)
         artifacts = _main_rank_first(env, lambda: ensure_icsm(cfg, source, log, probe))
+    if plan.checkpoint is not None:
+        _note_rebuilt_schedule(cfg, plan, changes, log)
+    all_stats, stats_computed = action_statistics(cfg, source, run_dir, resuming=plan.checkpoint is not None)
+    stats = all_stats[cfg.dataset_name]["action"]
     seed_everything(cfg.seed)
     if env.is_main:
         if plan.checkpoint is not None and plan.state.get("world_size", 1) != env.world_size:
@@ -137,7 +154,8 @@ def _finetune(cfg: RunConfig, env: DistEnv, log: Callable[[str], None]) -> LoopR
                 "continues where it stopped; the global batch is now batch_size x world size")
         record_start(run_dir, cfg, resumed_from=str(plan.checkpoint) if plan.checkpoint else None,
                      resumed_step=plan.step, changes=changes)
-    stats = action_statistics(cfg, source, run_dir, resuming=plan.checkpoint is not None, write=env.is_main)
+        if stats_computed:
+            write_dataset_statistics(run_dir / DATASET_STATISTICS, all_stats)
     device = env.device
 
     tokenizer = load_tokenizer(cfg)
@@ -156,6 +174,7 @@ def _finetune(cfg: RunConfig, env: DistEnv, log: Callable[[str], None]) -> LoopR
     state = TrainState(model, optimizer, scheduler, DataPosition(), hooks=hooks)
     if plan.checkpoint is not None:
         load_into(state, plan.checkpoint, rank=env.rank, log=say)
+        rebuild_scheduler(scheduler, cfg)
         log(f"restored step {state.global_step}, epoch {state.data_position.epoch}, sample "
             f"{state.data_position.position} of {len(source)}, lr {scheduler.get_last_lr()[0]:.3e}")
     else:
