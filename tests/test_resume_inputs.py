@@ -1,5 +1,5 @@
 """Resumes that would silently give a different run are refused; harmless changes are accepted
-(issue 8): critical fields by resolved value, resume_step_override,
+(issue 8, items 8-14): dataset fingerprint, critical fields by resolved value, resume_step_override,
 a new max_steps under cosine, unreadable inputs."""
 
 import json
@@ -16,6 +16,7 @@ from steadyvla.train.finetune import SCHEDULE_REBUILT_RECORD, finetune
 from steadyvla.train.optim import lr_multiplier
 from steadyvla.train.resume import STEP_OVERRIDE_RECORD, ResumePlan, config_changes
 from steadyvla.train.run_dir import run_dir_for
+from synthetic import write_synthetic_dataset
 
 CONFIG = str(Path(__file__).resolve().parents[1] / "configs" / "demo.yaml")
 
@@ -60,6 +61,24 @@ def _assert_refused(values: dict, capsys, *expected: str) -> None:
     for text in expected:
         assert text in err, (text, err)
     assert tree_digest(run_dir) == before
+
+
+# ---- item 8: dataset fingerprint, not path
+
+def test_moved_dataset_resumes_and_changed_dataset_is_refused(tmp_path, capsys):
+    write_synthetic_dataset(tmp_path / "node_a" / "synth")
+    values = _values(tmp_path / "node_a", tmp_path / "runs")
+    finetune(build_config(values), log=lambda m: None)
+    # staged elsewhere with new mtimes (copy, not copy2): identical contents resume
+    shutil.copytree(tmp_path / "node_a", tmp_path / "node_b", copy_function=shutil.copy)
+    shutil.rmtree(tmp_path / "node_a")
+    moved = {**values, "data_root_dir": str(tmp_path / "node_b"), "max_steps": 4}
+    assert finetune(build_config(moved), log=lambda m: None).final_step == 4
+    # regenerated in place with more episodes: 72 -> 108 frames
+    shutil.rmtree(tmp_path / "node_b" / "synth")
+    write_synthetic_dataset(tmp_path / "node_b" / "synth", episodes_per_task=3)
+    _assert_refused({**moved, "max_steps": 6}, capsys, "dataset", "node_b/synth", "frames: checkpoint 72, now 108",
+                    "episodes: checkpoint 6, now 9", "data_root_dir", "new run")
 
 
 # ---- item 10: critical fields compared by resolved value, only where the run uses them

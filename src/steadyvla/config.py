@@ -37,6 +37,9 @@ DEMO_DATASET_NAME = "metaworld_demo"
 
 # Fields whose change would make a resumed run a different run (DESIGN.md §5, issue 3 and 8):
 # compared on resume by resolved value, and only where the run uses them (`critical_values`).
+# `data_root_dir` and `icms_artifact_dir` are absent on purpose: the checkpoint records a
+# fingerprint of the dataset and a content hash of the ICSM artifacts, so an identical copy
+# elsewhere (node-local staging) resumes and a changed one is refused.
 RESUME_CRITICAL_FIELDS: tuple[str, ...] = (
     "model_preset",
     "vla_path",
@@ -49,7 +52,6 @@ RESUME_CRITICAL_FIELDS: tuple[str, ...] = (
     "lora_target_modules",
     "batch_size",
     "grad_accumulation_steps",
-    "data_root_dir",
     "dataset_name",
     "image_key",
     "image_aug",
@@ -67,7 +69,6 @@ RESUME_CRITICAL_FIELDS: tuple[str, ...] = (
 DEMO_CRITICAL_FIELDS: tuple[str, ...] = ("demo_episodes_per_task", "demo_image_size")
 # Only compared when `method_enabled` is true: a baseline run never reads them.
 METHOD_CRITICAL_FIELDS: tuple[str, ...] = (
-    "icms_artifact_dir",
     "hsw_layer_ids",
     "hsw_beta",
     "hsw_gamma",

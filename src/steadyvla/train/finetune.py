@@ -29,6 +29,7 @@ from steadyvla.train.metrics import MetricsLogger
 from steadyvla.train.optim import build_optimizer, build_scheduler, rebuild_scheduler, schedule_change
 from steadyvla.train.resume import ResumePlan, config_changes, plan_resume
 from steadyvla.train.run_dir import record_start, run_dir_for
+from steadyvla.train.run_inputs import check_run_inputs, collect_run_inputs
 from steadyvla.train.signals import PreemptionFlag
 
 T = TypeVar("T")
@@ -74,7 +75,8 @@ def action_statistics(cfg: RunConfig, source: FrameSource, run_dir: Path, resumi
         try:
             stats = load_dataset_statistics(path)
         except ValueError as err:
-            raise ConfigError(f"{err}. Restore that file, or delete it to have it recomputed from the dataset") from None
+            raise ConfigError(f"{err}. Restore that file, or delete it to have it recomputed from the dataset "
+                              "(which the checkpoint's fingerprint shows is unchanged)") from None
     if cfg.dataset_name not in stats:
         raise ConfigError(f"config field `dataset_name`: {cfg.dataset_name!r} not in {path} (has {list(stats)})")
     return stats, computed
@@ -117,8 +119,16 @@ def _main_rank_first(env: DistEnv, work: Callable[[], T]) -> T:
     return result if env.is_main else work()
 
 
-def _note_rebuilt_schedule(cfg: RunConfig, plan: ResumePlan, changes: dict, log: Callable[[str], None]) -> None:
-    """Note a rebuilt lr schedule in `changes` (what starts.jsonl records)."""
+def _check_resume_inputs(cfg: RunConfig, plan: ResumePlan, inputs: dict, changes: dict,
+                         log: Callable[[str], None]) -> None:
+    """Refuse a resume on changed inputs (before anything is written); note a rebuilt lr schedule
+    in `changes` (what starts.jsonl records)."""
+    icsm_dir = None
+    if cfg.method_enabled:
+        from steadyvla.method.build_icsm import artifact_dir
+
+        icsm_dir = artifact_dir(cfg)
+    check_run_inputs(cfg, plan.checkpoint, plan.state, inputs, icsm_dir)
     rebuilt = schedule_change(plan.state["scheduler"], plan.state.get("config", {}).get("max_steps"), cfg)
     if rebuilt is not None:
         changes[SCHEDULE_REBUILT_RECORD] = rebuilt
@@ -137,13 +147,15 @@ def _finetune(cfg: RunConfig, env: DistEnv, log: Callable[[str], None]) -> LoopR
         return LoopResult(plan.step, preempted=False)
 
     source = _main_rank_first(env, lambda: open_training_data(cfg, log))
+    artifacts = probe = None
     if cfg.method_enabled:  # before seeding: building the teacher must not shift the run's RNG
         from steadyvla.method.build_icsm import ensure_icsm, load_probe
 
         probe = load_probe(cfg, source)
         artifacts = _main_rank_first(env, lambda: ensure_icsm(cfg, source, log, probe))
+    inputs = collect_run_inputs(source, artifacts, probe)
     if plan.checkpoint is not None:
-        _note_rebuilt_schedule(cfg, plan, changes, log)
+        _check_resume_inputs(cfg, plan, inputs, changes, log)
     all_stats, stats_computed = action_statistics(cfg, source, run_dir, resuming=plan.checkpoint is not None)
     stats = all_stats[cfg.dataset_name]["action"]
     seed_everything(cfg.seed)
@@ -194,7 +206,7 @@ def _finetune(cfg: RunConfig, env: DistEnv, log: Callable[[str], None]) -> LoopR
                         generator=torch.Generator().manual_seed(cfg.seed))
     logger = MetricsLogger(run_dir, resume_step=state.global_step, enabled=env.is_main)
     logger.load_state_dict(state.metrics_state)
-    checkpointer = TrainerCheckpointer(run_dir, cfg, log, env)
+    checkpointer = TrainerCheckpointer(run_dir, cfg, log, env, inputs)
     preemption = PreemptionFlag().install()
     try:
         result = run_loop(cfg, state, iter(loader), sampler, action_tokenizer, logger, checkpointer, preemption,
