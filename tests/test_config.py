@@ -65,3 +65,14 @@ def test_accepted_but_inactive_settings_are_announced():
     assert any("merge_lora_during_training: true is ignored" in n for n in notes)
     assert any("periodic evaluation is not available yet" in n for n in notes)
     assert unavailable_settings(build_config({})) == []
+
+
+def test_yaml_that_does_not_parse_is_one_error_line(tmp_path, capsys):
+    cfg = tmp_path / "broken.yaml"
+    cfg.write_text("batch_size: 4\nlora_rank: [8\nseed: 1\n")
+    with pytest.raises(ConfigError, match=r"broken.yaml: not valid YAML at line \d+, column \d+"):
+        load_config(cfg)
+    assert main(["finetune", "--config", str(cfg), "--run_root_dir", str(tmp_path / "runs")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: --config") and err.count("\n") == 1
+    assert not (tmp_path / "runs").exists()

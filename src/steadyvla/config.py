@@ -33,11 +33,18 @@ NO_OP_KEYS: dict[str, str] = {
     "adapter_tmp_dir": "adapters are saved inside the run dir's checkpoints/; merged copies go to `merge`",
 }
 
-# Fields whose change would make a resumed run a different run (DESIGN.md §5, issue 3).
+DEMO_DATASET_NAME = "metaworld_demo"
+
+# Fields whose change would make a resumed run a different run (DESIGN.md §5, issue 3 and 8):
+# compared on resume by resolved value, and only where the run uses them (`critical_values`).
+# `data_root_dir` and `icms_artifact_dir` are absent on purpose: the checkpoint records a
+# fingerprint of the dataset and a content hash of the ICSM artifacts, so an identical copy
+# elsewhere (node-local staging) resumes and a changed one is refused.
 RESUME_CRITICAL_FIELDS: tuple[str, ...] = (
     "model_preset",
     "vla_path",
     "tokenizer_path",
+    "dtype",
     "use_lora",
     "lora_rank",
     "lora_alpha",
@@ -45,26 +52,36 @@ RESUME_CRITICAL_FIELDS: tuple[str, ...] = (
     "lora_target_modules",
     "batch_size",
     "grad_accumulation_steps",
-    "data_root_dir",
     "dataset_name",
+    "image_key",
     "image_aug",
+    "prompt_template",
     "seed",
     "learning_rate",
     "lr_scheduler",
     "lr_warmup_steps",
     "min_learning_rate",
     "weight_decay",
+    "max_grad_norm",
     "method_enabled",
-    "icms_artifact_dir",
+)
+# Only compared when the dataset is the generated demo: other settings regenerate it in place.
+DEMO_CRITICAL_FIELDS: tuple[str, ...] = ("demo_episodes_per_task", "demo_image_size")
+# Only compared when `method_enabled` is true: a baseline run never reads them.
+METHOD_CRITICAL_FIELDS: tuple[str, ...] = (
     "hsw_layer_ids",
     "hsw_beta",
     "hsw_gamma",
     "hsw_eps",
-    "prompt_template",
     "probe_dataset_name",
     "probe_jsonl",
     "probe_size",
     "probe_batch_size",
+    "icsm_rank",
+    "icsm_epsilon",
+    "icsm_fragile_fraction",
+    "icsm_plastic_fraction",
+    "icsm_sensitivity_samples",
     "thermostat_update_interval",
     "thermostat_warmup_steps",
     "thermostat_min_beta",
@@ -75,6 +92,29 @@ RESUME_CRITICAL_FIELDS: tuple[str, ...] = (
     "thermostat_k_gamma",
     "thermostat_base_scale",
 )
+
+
+def resolved_lora_alpha(lora_alpha: int | None, lora_rank: int) -> int:
+    """`lora_alpha`, with null resolved as OpenVLA's finetune.py does: min(lora_rank, 16)."""
+    return lora_alpha if lora_alpha is not None else min(lora_rank, 16)
+
+
+def critical_values(values: dict[str, Any]) -> dict[str, Any]:
+    """The resume-critical settings a run with these config values uses, resolved (`lora_alpha`
+    null -> its value; `min_learning_rate` only under cosine; method keys only with the method
+    on). Works on stored config dicts too; keys they lack are left out."""
+    keys = list(RESUME_CRITICAL_FIELDS)
+    if values.get("lr_scheduler") != "cosine":
+        keys.remove("min_learning_rate")
+    if values.get("dataset_name") == DEMO_DATASET_NAME:
+        keys += DEMO_CRITICAL_FIELDS
+    if values.get("method_enabled"):
+        keys += METHOD_CRITICAL_FIELDS
+    out = {k: values[k] for k in keys if k in values}
+    if "lora_alpha" in out and "lora_rank" in out:
+        out["lora_alpha"] = resolved_lora_alpha(out["lora_alpha"], out["lora_rank"])
+    return out
+
 
 CHOICES: dict[str, tuple[str, ...]] = {
     "lr_scheduler": ("none", "cosine"),
@@ -179,7 +219,7 @@ class RunConfig:
 
     def digest(self) -> str:
         """sha256 of the resume-critical fields: equal digests mean a resume is safe."""
-        critical = {k: getattr(self, k) for k in RESUME_CRITICAL_FIELDS}
+        critical = critical_values(self.to_dict())
         return hashlib.sha256(json.dumps(critical, sort_keys=True).encode()).hexdigest()
 
     def to_dict(self) -> dict[str, Any]:
@@ -188,7 +228,7 @@ class RunConfig:
 
     @property
     def effective_lora_alpha(self) -> int:
-        return self.lora_alpha if self.lora_alpha is not None else min(self.lora_rank, 16)
+        return resolved_lora_alpha(self.lora_alpha, self.lora_rank)
 
 
 def known_keys() -> list[str]:
@@ -326,7 +366,14 @@ def load_config(path: str | Path | None, overrides: dict[str, Any] | None = None
         path = Path(path)
         if not path.is_file():
             raise ConfigError(f"--config {path}: file not found")
-        loaded = yaml.safe_load(path.read_text()) or {}
+        try:
+            loaded = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as err:
+            where = getattr(err, "problem_mark", None)
+            at = f" at line {where.line + 1}, column {where.column + 1}" if where is not None else ""
+            problem = getattr(err, "problem", None) or str(err).splitlines()[0]
+            raise ConfigError(f"--config {path}: not valid YAML{at}: {problem}; fix the file "
+                              "(keys are written `key: value`, one per line)") from None
         if not isinstance(loaded, dict):
             raise ConfigError(f"--config {path}: expected a mapping of `key: value`, got {type(loaded).__name__}")
         values.update(loaded)

@@ -97,7 +97,8 @@ def build_icsm(cfg: RunConfig, training_source, log: Callable[[str], None] = pri
     meta = {
         "format": ICSM_FORMAT, "version": 1, "layers": [i for g in groups for i in g], "groups": groups,
         "r": cfg.icsm_rank, "epsilon": cfg.icsm_epsilon, "fragile_fraction": cfg.icsm_fragile_fraction,
-        "plastic_fraction": cfg.icsm_plastic_fraction, "seed": cfg.seed,
+        "plastic_fraction": cfg.icsm_plastic_fraction, "sensitivity_samples": cfg.icsm_sensitivity_samples,
+        "seed": cfg.seed,
         "probe": {"origin": probe.origin, "size": len(probe), "sha256": probe.digest(), "empty_masks": empty},
         "model": {"preset": cfg.model_preset, "vla_path": cfg.vla_path, "sha256": model_digest(teacher)},
         "versions": library_versions(),

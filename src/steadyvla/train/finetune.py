@@ -12,9 +12,10 @@ import torch
 from torch.utils.data import DataLoader
 
 from steadyvla.checkpoint.layout import DATASET_STATISTICS
+from steadyvla.checkpoint.atomic import mkdir_durable
 from steadyvla.checkpoint.manager import CheckpointError
 from steadyvla.checkpoint.run_lock import RunDirBusy, RunLock
-from steadyvla.config import ConfigError, RunConfig
+from steadyvla.config import DEMO_DATASET_NAME, ConfigError, RunConfig
 from steadyvla.data.dataset import PaddedCollator, VLADataset
 from steadyvla.data.frames import FrameSource
 from steadyvla.data.sampler import DataPosition, ResumableBatchSampler
@@ -28,14 +29,16 @@ from steadyvla.train.checkpointing import TrainerCheckpointer, TrainState, load_
 from steadyvla.train.hooks import TrainHook
 from steadyvla.train.loop import LoopResult, run_loop
 from steadyvla.train.metrics import MetricsLogger
-from steadyvla.train.optim import build_optimizer, build_scheduler
+from steadyvla.train.optim import build_optimizer, build_scheduler, rebuild_scheduler, schedule_change
 from steadyvla.train.resume import ResumePlan, apply_rewind, config_changes, plan_resume
 from steadyvla.train.run_dir import record_error, record_start, run_dir_for
+from steadyvla.train.run_inputs import check_run_inputs, collect_run_inputs
 from steadyvla.train.signals import PreemptionFlag, ignore_preemption_signals
 
-DEMO_DATASET_NAME = "metaworld_demo"
 USER_ERRORS = (ConfigError, CheckpointError, RunDirBusy)  # refusals: `error:` line, exit status 2
 T = TypeVar("T")
+# starts.jsonl `changed_fields` entry when a new max_steps changed the restored lr schedule
+SCHEDULE_REBUILT_RECORD = "lr_schedule_rebuilt"
 
 
 def say(message: str) -> None:
@@ -64,19 +67,23 @@ def open_training_data(cfg: RunConfig, log: Callable[[str], None] = say) -> Fram
     return open_frame_source(Path(cfg.data_root_dir), cfg.dataset_name, image_key=cfg.image_key)
 
 
-def action_statistics(cfg: RunConfig, source: FrameSource, run_dir: Path, resuming: bool, write: bool = True) -> dict:
-    """Compute (fresh start) or reload (resume) the run's dataset_statistics.json; return action stats.
-    Every rank computes the same numbers; only the one with `write` writes the file."""
+def action_statistics(cfg: RunConfig, source: FrameSource, run_dir: Path, resuming: bool) -> tuple[dict, bool]:
+    """Reload (resume) or compute (fresh start) the run's statistics {dataset_name: entry}; also
+    whether they were computed and still have to be written. Reads only: a corrupt file is a
+    ConfigError before the start is recorded."""
     path = run_dir / DATASET_STATISTICS
-    if resuming and path.exists():
-        stats = load_dataset_statistics(path)
-    else:
+    computed = not (resuming and path.exists())
+    if computed:
         stats = {cfg.dataset_name: compute_action_statistics(source.actions(), num_trajectories=source.num_episodes)}
-        if write:
-            write_dataset_statistics(path, stats)
+    else:
+        try:
+            stats = load_dataset_statistics(path)
+        except ValueError as err:
+            raise ConfigError(f"{err}. Restore that file, or delete it to have it recomputed from the dataset "
+                              "(which the checkpoint's fingerprint shows is unchanged)") from None
     if cfg.dataset_name not in stats:
         raise ConfigError(f"config field `dataset_name`: {cfg.dataset_name!r} not in {path} (has {list(stats)})")
-    return stats[cfg.dataset_name]["action"]
+    return stats, computed
 
 
 def unavailable_settings(cfg: RunConfig) -> list[str]:
@@ -129,8 +136,25 @@ def _lock_run_dir(run_dir: Path, env: DistEnv) -> RunLock | None:
     """Rank 0 owns the run dir for the life of the run (the other ranks only read it)."""
     if not env.is_main:
         return None
-    run_dir.mkdir(parents=True, exist_ok=True)
+    mkdir_durable(run_dir)  # fsyncs run_root_dir: the new run dir's entry survives a crash
     return RunLock.acquire(run_dir)
+
+
+def _check_resume_inputs(cfg: RunConfig, plan: ResumePlan, inputs: dict, changes: dict,
+                         log: Callable[[str], None]) -> None:
+    """Refuse a resume on changed inputs (before anything is written); note a rebuilt lr schedule
+    in `changes` (what starts.jsonl records)."""
+    icsm_dir = None
+    if cfg.method_enabled:
+        from steadyvla.method.build_icsm import artifact_dir
+
+        icsm_dir = artifact_dir(cfg)
+    check_run_inputs(cfg, plan.checkpoint, plan.state, inputs, icsm_dir)
+    rebuilt = schedule_change(plan.state["scheduler"], plan.state.get("config", {}).get("max_steps"), cfg)
+    if rebuilt is not None:
+        changes[SCHEDULE_REBUILT_RECORD] = rebuilt
+        log(f"lr schedule rebuilt for max_steps {cfg.max_steps} (checkpoint: {rebuilt['max_steps']['checkpoint']}): "
+            f"next lr {rebuilt['next_lr']['now']:.3e} instead of {rebuilt['next_lr']['checkpoint']:.3e}")
 
 
 def _finetune(cfg: RunConfig, env: DistEnv, log: Callable[[str], None], preemption: PreemptionFlag) -> LoopResult:
@@ -150,7 +174,6 @@ def _finetune(cfg: RunConfig, env: DistEnv, log: Callable[[str], None], preempti
             lock = _lock_run_dir(run_dir, env)
         if lock is not None:
             lock.announce()
-            apply_rewind(run_dir, plan, log)
         return _train(cfg, env, log, run_dir, plan, changes, preemption)
     finally:
         if lock is not None:
@@ -161,21 +184,29 @@ def _train(cfg: RunConfig, env: DistEnv, log: Callable[[str], None], run_dir: Pa
            changes: dict, preemption: PreemptionFlag) -> LoopResult:
     """Build model and data, restore the plan's checkpoint, run the loop (the run dir is locked)."""
     source = _main_rank_first(env, lambda: open_training_data(cfg, log))
+    artifacts = probe = None
     if cfg.method_enabled:  # before seeding: building the teacher must not shift the run's RNG
         from steadyvla.method.build_icsm import ensure_icsm, load_probe
 
         probe = load_probe(cfg, source)
         artifacts = _main_rank_first(env, lambda: ensure_icsm(cfg, source, log, probe))
+    inputs = collect_run_inputs(source, artifacts, probe)
+    if plan.checkpoint is not None:
+        _check_resume_inputs(cfg, plan, inputs, changes, log)
+    all_stats, stats_computed = action_statistics(cfg, source, run_dir, resuming=plan.checkpoint is not None)
+    stats = all_stats[cfg.dataset_name]["action"]
     seed_everything(cfg.seed)
     if env.is_main:
         if plan.checkpoint is not None and plan.state.get("world_size", 1) != env.world_size:
             changes["world_size"] = {"checkpoint": plan.state.get("world_size", 1), "now": env.world_size}
             log(f"world size {changes['world_size']['checkpoint']} -> {env.world_size}: the global sample order "
                 "continues where it stopped; the global batch is now batch_size x world size")
+        apply_rewind(run_dir, plan, log)  # only once every check passed: a refused start changes nothing
         record_start(run_dir, cfg, resumed_from=str(plan.checkpoint) if plan.checkpoint else None,
                      resumed_step=plan.step, changes=changes,
                      rewind={"from": plan.rewind_from, "to": plan.checkpoint.name} if plan.rewind_from else None)
-    stats = action_statistics(cfg, source, run_dir, resuming=plan.checkpoint is not None, write=env.is_main)
+        if stats_computed:
+            write_dataset_statistics(run_dir / DATASET_STATISTICS, all_stats)
     device = env.device
 
     tokenizer = load_tokenizer(cfg)
@@ -196,6 +227,7 @@ def _train(cfg: RunConfig, env: DistEnv, log: Callable[[str], None], run_dir: Pa
         load_into(state, plan.checkpoint, rank=env.rank, log=say)
         if plan.rewind_mark is not None and plan.rewind_mark not in state.rewinds:
             state.rewinds.append(plan.rewind_mark)  # later starts with the same flag must not go back again
+        rebuild_scheduler(scheduler, cfg)
         log(f"restored step {state.global_step}, epoch {state.data_position.epoch}, sample "
             f"{state.data_position.position} of {len(source)}, lr {scheduler.get_last_lr()[0]:.3e}")
     else:
@@ -216,7 +248,7 @@ def _train(cfg: RunConfig, env: DistEnv, log: Callable[[str], None], run_dir: Pa
                         worker_init_fn=ignore_preemption_signals if cfg.num_workers > 0 else None)
     logger = MetricsLogger(run_dir, resume_step=state.global_step, enabled=env.is_main)
     logger.load_state_dict(state.metrics_state)
-    checkpointer = TrainerCheckpointer(run_dir, cfg, log, env)
+    checkpointer = TrainerCheckpointer(run_dir, cfg, log, env, inputs)
     try:
         result = run_loop(cfg, state, iter(loader), sampler, action_tokenizer, logger, checkpointer, preemption,
                           env, train_model, log)
