@@ -36,8 +36,8 @@ def test_resume_global_step_null_is_accepted():
 
 
 def test_old_environment_keys_are_accepted_as_no_ops():
-    cfg = build_config({"server_profile": "a100", "rlds_read_threads": 8, "use_wandb": False})
-    assert cfg.ignored_keys == {"server_profile": "a100", "rlds_read_threads": 8, "use_wandb": False}
+    cfg = build_config({"server_profile": "a100", "rlds_traj_read_threads": 8, "cache_dir": "/x"})
+    assert cfg.ignored_keys == {"server_profile": "a100", "rlds_traj_read_threads": 8, "cache_dir": "/x"}
 
 
 def test_shipped_configs_load():

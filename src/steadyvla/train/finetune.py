@@ -13,6 +13,7 @@ from torch.utils.data import DataLoader
 
 from steadyvla.checkpoint.layout import DATASET_STATISTICS
 from steadyvla.config import ConfigError, RunConfig
+from steadyvla.config_compat import compat_notes
 from steadyvla.data.dataset import PaddedCollator, VLADataset
 from steadyvla.data.frames import FrameSource
 from steadyvla.data.sampler import DataPosition, ResumableBatchSampler
@@ -78,11 +79,11 @@ def action_statistics(cfg: RunConfig, source: FrameSource, run_dir: Path, resumi
 
 def unavailable_settings(cfg: RunConfig) -> list[str]:
     """Messages for settings the users' configs carry that this version accepts but does not act on."""
-    notes = []
+    notes = compat_notes(cfg)
     if cfg.merge_lora_during_training:
         notes.append("merge_lora_during_training: true is ignored: merging during training reloads the base "
                       "model and caused the users' host OOM kills; checkpoints hold the PEFT adapter instead")
-    if cfg.enable_periodic_eval or cfg.early_stopping_patience is not None:
+    if cfg.enable_periodic_eval or cfg.early_stopping_enabled or cfg.early_stopping_patience is not None:
         notes.append("enable_periodic_eval / early_stopping_*: periodic evaluation is not available yet; ignored")
     return notes
 
@@ -164,7 +165,8 @@ def _finetune(cfg: RunConfig, env: DistEnv, log: Callable[[str], None]) -> LoopR
         log(f"fresh start in {run_dir}: {len(source)} frames, {source.num_episodes} episodes; "
             f"LoRA r={cfg.lora_rank}: {trainable:,} trainable of {total:,} parameters")
 
-    dataset = VLADataset(source, PromptBuilder(tokenizer, cfg.prompt_template), action_tokenizer, stats,
+    # always OpenVLA's training prompt: `prompt_template` is the method's probe prompt (DESIGN.md §6)
+    dataset = VLADataset(source, PromptBuilder(tokenizer), action_tokenizer, stats,
                          ImageTransform(get_preset(cfg.model_preset), cfg.image_aug, cfg.seed))
     sampler = ResumableBatchSampler(len(dataset), cfg.batch_size, seed=cfg.seed, rank=env.rank,
                                     world_size=env.world_size, start=state.data_position)
