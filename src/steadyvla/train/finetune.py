@@ -177,6 +177,10 @@ def _finetune(cfg: RunConfig, env: DistEnv, log: Callable[[str], None]) -> LoopR
                         generator=torch.Generator().manual_seed(cfg.seed))
     logger = MetricsLogger(run_dir, resume_step=state.global_step, enabled=env.is_main)
     logger.load_state_dict(state.metrics_state)
+    if cfg.use_wandb and env.is_main:
+        from steadyvla.train.wandb_log import WandbTracker
+
+        logger.tracker = WandbTracker(run_dir, cfg, log)
     checkpointer = TrainerCheckpointer(run_dir, cfg, log, env)
     preemption = PreemptionFlag().install()
     try:
