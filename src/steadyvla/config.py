@@ -215,7 +215,10 @@ def _coerce(name: str, value: Any, annotation: Any) -> Any:
     target = args[0] if args and get_origin(annotation) is not list else annotation
     if get_origin(target) is list:
         if isinstance(value, (int, str)) and not isinstance(value, bool):
-            value = [int(v) for v in str(value).split(",")] if isinstance(value, str) else [value]
+            try:
+                value = [int(v) for v in str(value).split(",")] if isinstance(value, str) else [value]
+            except ValueError:
+                pass  # reported below
         if not isinstance(value, list) or not all(isinstance(v, int) and not isinstance(v, bool) for v in value):
             raise ConfigError(f"config field `{name}`: {value!r} is not a list of integers (e.g. [28, 31] or 28,31)")
         return value
@@ -318,11 +321,13 @@ def parse_overrides(argv: list[str]) -> dict[str, Any]:
         token = argv[i]
         if not token.startswith("--"):
             raise ConfigError(f"unexpected argument {token!r}; overrides are written `--key value`")
-        key = token[2:].replace("-", "_")
-        if "=" in key:
+        key = token[2:]
+        if "=" in key:  # split before renaming: the value may hold dashes (`--layer_ids=-2,-1`)
             key, raw = key.split("=", 1)
+            key = key.replace("-", "_")
             i += 1
         else:
+            key = key.replace("-", "_")
             if i + 1 >= len(argv):
                 raise ConfigError(f"override `--{key}` has no value; write `--{key} VALUE`")
             raw = argv[i + 1]
