@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 
 from helpers import REPO, cli_env, metrics_lines
@@ -213,3 +214,24 @@ def test_offline_icms_script_takes_their_option_names(users_root):
     meta = json.loads((out / ICSM_META).read_text())
     assert (meta["r"], meta["epsilon_absolute"], meta["fragile_dim"], meta["plastic_dim"]) == (8, 1e-3, 4, 2)
     assert meta["probe"]["size"] == 12 and meta["groups"] == [[3]]
+
+
+def test_artifacts_built_with_another_probe_prompt_are_refused(make_config, tmp_path):
+    from steadyvla.data.registry import open_frame_source
+    from steadyvla.method.build_icsm import build_icsm, load_probe
+    from steadyvla.method.artifacts import read_artifacts
+    from steadyvla.method.hook import MethodHook
+    from steadyvla.model.build import build_vla, load_tokenizer, wrap_lora
+
+    small = dict(method_enabled=True, probe_size=8, icsm_rank=4, icsm_sensitivity_samples=2,
+                 icms_artifact_dir=str(tmp_path / "icsm"))
+    cfg = make_config(**small)
+    source = open_frame_source(Path(cfg.data_root_dir), cfg.dataset_name)
+    artifacts = read_artifacts(build_icsm(cfg, source, log=lambda m: None))
+    assert artifacts.meta["probe_prompt_template"] == "In: {instruction}\nOut:"
+    other = make_config(**small, prompt_template="Task: {instruction}.")
+    tokenizer = load_tokenizer(other)
+    model = wrap_lora(build_vla(other, tokenizer), other)
+    with pytest.raises(ConfigError, match=r"`prompt_template`: 'Task: \{instruction\}.', but the ICSM artifacts were "
+                                          r"built with probe prompt 'In: \{instruction\}\\nOut:'"):
+        MethodHook(other, model, tokenizer, artifacts, load_probe(other, source), torch.device("cpu"))

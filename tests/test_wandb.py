@@ -85,3 +85,16 @@ def test_real_wandb_offline_keeps_the_run_id(tmp_path, make_config, monkeypatch,
     runs = sorted(p.name for p in (tmp_path / "wandb").glob("offline-run-*"))
     assert runs and all(name.endswith(tracker.run_id) for name in runs)
     assert json.loads((tmp_path / WANDB_STATE).read_text()) == {"id": tracker.run_id, "last_step": 2}
+
+
+def test_offline_without_network_even_with_a_key(monkeypatch):
+    import steadyvla.train.wandb_log as wandb_log
+
+    monkeypatch.delenv("WANDB_MODE", raising=False)
+    monkeypatch.setenv("WANDB_API_KEY", "k" * 40)
+    monkeypatch.setattr(wandb_log, "_reachable", lambda timeout=3.0: False)
+    assert wandb_log.wandb_mode() == "offline"
+    monkeypatch.setattr(wandb_log, "_reachable", lambda timeout=3.0: True)
+    assert wandb_log.wandb_mode() == "online"
+    monkeypatch.setenv("WANDB_MODE", "disabled")
+    assert wandb_log.wandb_mode() == "disabled"

@@ -3,7 +3,7 @@
 The W&B run id lives in `<run_dir>/wandb.json` with the last step sent, so a resumed run continues
 the same W&B run (`resume="allow"`) and never sends a step twice: a run killed after its last
 checkpoint has already sent the steps it is about to redo, and bit-exact resume makes them equal.
-Without an API key (WANDB_API_KEY or a ~/.netrc entry) the run is logged offline under
+Without an API key (WANDB_API_KEY or a ~/.netrc entry) or network the run is logged offline under
 `<run_dir>/wandb/`; `wandb sync` uploads it later. WANDB_MODE, when set, wins.
 """
 
@@ -13,6 +13,7 @@ import json
 import netrc
 import os
 import secrets
+import socket
 from pathlib import Path
 from typing import Any, Callable
 
@@ -31,9 +32,17 @@ def _has_credentials() -> bool:
         return False
 
 
+def _reachable(timeout: float = 3.0) -> bool:
+    try:
+        socket.create_connection((WANDB_HOST, 443), timeout=timeout).close()
+        return True
+    except OSError:
+        return False
+
+
 def wandb_mode() -> str:
-    """online when credentials exist, else offline; an explicit WANDB_MODE wins."""
-    return os.environ.get("WANDB_MODE") or ("online" if _has_credentials() else "offline")
+    """online when credentials exist and the server answers, else offline; an explicit WANDB_MODE wins."""
+    return os.environ.get("WANDB_MODE") or ("online" if _has_credentials() and _reachable() else "offline")
 
 
 class WandbTracker:
