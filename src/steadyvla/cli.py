@@ -16,6 +16,7 @@ from pathlib import Path
 from steadyvla.checkpoint.manager import CheckpointError
 from steadyvla.checkpoint.run_lock import RunDirBusy
 from steadyvla.config import ConfigError, load_config, parse_overrides
+from steadyvla.config_compat import translate_icsm_options
 
 EXIT_FAILURE = 1
 EXIT_USAGE = 2
@@ -38,7 +39,8 @@ def cmd_icsm(args: argparse.Namespace, extra: list[str]) -> int:
     from steadyvla.method.build_icsm import build_icsm
     from steadyvla.train.finetune import open_training_data, say
 
-    cfg = _config_from(args, extra)
+    # the users' offline_icms.py option names (--r, --epsilon, --batch_size, ...) work here too
+    cfg = load_config(args.config, translate_icsm_options(parse_overrides(extra)))
     build_icsm(cfg, open_training_data(cfg, say), say)
     return 0
 
@@ -96,7 +98,9 @@ def build_parser() -> argparse.ArgumentParser:
     icsm = verbs.add_parser("icsm", help="the method's offline step: ICSM subspaces from the frozen teacher")
     icsm_verbs = icsm.add_subparsers(dest="icsm_verb", required=True)
     icsm_build = icsm_verbs.add_parser("build", help="write U_f, U_p, mu, C_T per layer to icms_artifact_dir; "
-                                       "config keys can be overridden with `--key value`")
+                                       "config keys can be overridden with `--key value`, also with the names "
+                                       "of offline_icms.py: --r --epsilon (absolute) --fragile_dim --plastic_dim "
+                                       "--max_samples --sensitivity_samples --layer_ids --batch_size (teacher batch)")
     icsm_build.add_argument("--config", required=True, help="YAML config with flat keys (see configs/)")
     data = verbs.add_parser("data", help="datasets: generate the demo, inspect, write statistics")
     data_verbs = data.add_subparsers(dest="data_verb", required=True)

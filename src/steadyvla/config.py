@@ -16,22 +16,12 @@ from typing import Any, get_args, get_origin, get_type_hints
 
 import yaml
 
+from steadyvla.config_compat import NO_OP_KEYS, check_compat
+
 
 class ConfigError(ValueError):
     """A config key or value is invalid; the message names the field, the value and what is valid."""
 
-
-# Keys the users' old environment needed and steadyvla does not: accepted, ignored, documented.
-NO_OP_KEYS: dict[str, str] = {
-    "server_profile": "machine profile of the old cluster scripts; steadyvla detects the machine",
-    "rlds_read_threads": "TensorFlow RLDS reader threads; steadyvla's readers use DataLoader workers",
-    "rlds_transform_threads": "TensorFlow RLDS transform threads; see `num_workers`",
-    "cache_dir": "HF hub cache; steadyvla loads weights from local directories only",
-    "use_wandb": "W&B logging is not built in; metrics go to metrics.jsonl and TensorBoard",
-    "wandb_project": "see use_wandb",
-    "wandb_entity": "see use_wandb",
-    "adapter_tmp_dir": "adapters are saved inside the run dir's checkpoints/; merged copies go to `merge`",
-}
 
 DEMO_DATASET_NAME = "metaworld_demo"
 
@@ -55,7 +45,6 @@ RESUME_CRITICAL_FIELDS: tuple[str, ...] = (
     "dataset_name",
     "image_key",
     "image_aug",
-    "prompt_template",
     "seed",
     "learning_rate",
     "lr_scheduler",
@@ -69,6 +58,7 @@ RESUME_CRITICAL_FIELDS: tuple[str, ...] = (
 DEMO_CRITICAL_FIELDS: tuple[str, ...] = ("demo_episodes_per_task", "demo_image_size")
 # Only compared when `method_enabled` is true: a baseline run never reads them.
 METHOD_CRITICAL_FIELDS: tuple[str, ...] = (
+    "prompt_template",  # the probe prompt of ICSM and the Thermostat; training's prompt is fixed
     "hsw_layer_ids",
     "hsw_beta",
     "hsw_gamma",
@@ -79,6 +69,10 @@ METHOD_CRITICAL_FIELDS: tuple[str, ...] = (
     "probe_batch_size",
     "icsm_rank",
     "icsm_epsilon",
+    "icsm_epsilon_absolute",
+    "icsm_split",
+    "icsm_fragile_dim",
+    "icsm_plastic_dim",
     "icsm_fragile_fraction",
     "icsm_plastic_fraction",
     "icsm_sensitivity_samples",
@@ -120,6 +114,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "lr_scheduler": ("none", "cosine"),
     "model_preset": ("tiny", "openvla-7b"),
     "dtype": ("float32", "bfloat16"),
+    "icsm_split": ("ranked", "extremes"),
 }
 
 
@@ -190,13 +185,21 @@ class RunConfig:
     hsw_beta: float = 1.0
     hsw_gamma: float = 1.0
     hsw_eps: float = 1e-6
-    prompt_template: str | None = None
+    prompt_template: str | None = None  # probe prompt of ICSM + Thermostat (never training's); None = PROBE_PROMPT_TEMPLATE
     probe_dataset_name: str | None = None  # None = the training dataset
     probe_jsonl: str | None = None  # alternative: lines of {"image": path, "instruction": text}
+    probe_root_dir: str | None = None  # root holding probe_dataset_name; None = data_root_dir
+    probe_image_root: str | None = None  # base of relative probe_jsonl image paths; None = the file's dir
+    artifact_dir: str | None = None  # where ICSM artifacts go when icms_artifact_dir is unset
     probe_size: int = 500
     probe_batch_size: int = 4
     icsm_rank: int = 128  # r: candidate directions from the SVD
     icsm_epsilon: float = 0.5  # injection size, relative to the RMS of the pooled states
+    icsm_epsilon_absolute: float | None = None  # absolute injection size instead (the users' `epsilon`)
+    icsm_split: str = "ranked"  # ranked: U_f top, U_p next | extremes: U_f top, U_p least sensitive (users')
+    icsm_fragile_dim: int | None = None  # |U_f| instead of the fraction (ranked) or r/2 (extremes)
+    icsm_plastic_dim: int | None = None  # |U_p| instead of the fraction (ranked) or r/4 (extremes)
+    icsm_batch_size: int = 16  # teacher forward batch of the offline build
     icsm_fragile_fraction: float = 0.25  # share of the r directions that become U_f
     icsm_plastic_fraction: float = 0.25  # share that becomes U_p (the rest is null)
     icsm_sensitivity_samples: int = 32
@@ -214,6 +217,12 @@ class RunConfig:
     eval_every_steps: int = 100
     early_stopping_patience: int | None = None
     early_stopping_min_delta: float = 0.0
+    early_stopping_enabled: bool = False  # accepted; needs periodic evaluation (not available yet)
+    # --- the users' other settings (config_compat.py)
+    use_quantization: bool = False  # true is refused until quantized loading exists
+    use_wandb: bool = False  # also log metrics to Weights & Biases (pip extra `wandb`)
+    wandb_project: str = "openvla"
+    wandb_entity: str | None = None  # None = the W&B account's default entity
     # accepted no-op keys land here so config.yaml records what the user wrote
     ignored_keys: dict[str, Any] = field(default_factory=dict)
 
@@ -251,7 +260,10 @@ def _coerce(name: str, value: Any, annotation: Any) -> Any:
     target = args[0] if args and get_origin(annotation) is not list else annotation
     if get_origin(target) is list:
         if isinstance(value, (int, str)) and not isinstance(value, bool):
-            value = [int(v) for v in str(value).split(",")] if isinstance(value, str) else [value]
+            try:
+                value = [int(v) for v in str(value).split(",")] if isinstance(value, str) else [value]
+            except ValueError:
+                pass  # reported below
         if not isinstance(value, list) or not all(isinstance(v, int) and not isinstance(v, bool) for v in value):
             raise ConfigError(f"config field `{name}`: {value!r} is not a list of integers (e.g. [28, 31] or 28,31)")
         return value
@@ -292,7 +304,7 @@ def _validate(cfg: RunConfig) -> None:
             raise ConfigError(f"config field `{key}`: {value!r} is not one of {', '.join(allowed)}")
     positive = ("batch_size", "grad_accumulation_steps", "max_steps", "save_steps", "lora_rank",
                 "log_every_steps", "probe_batch_size", "thermostat_update_interval", "probe_size", "icsm_rank",
-                "icsm_sensitivity_samples")
+                "icsm_sensitivity_samples", "icsm_batch_size")
     for key in positive:
         if getattr(cfg, key) < 1:
             raise ConfigError(f"config field `{key}`: {getattr(cfg, key)} must be >= 1")
@@ -307,6 +319,13 @@ def _validate(cfg: RunConfig) -> None:
     if cfg.icsm_fragile_fraction + cfg.icsm_plastic_fraction > 1.0:
         raise ConfigError(f"config fields `icsm_fragile_fraction` + `icsm_plastic_fraction`: "
                           f"{cfg.icsm_fragile_fraction} + {cfg.icsm_plastic_fraction} must be <= 1")
+    for key in ("icsm_fragile_dim", "icsm_plastic_dim"):
+        if getattr(cfg, key) is not None and getattr(cfg, key) < 0:
+            raise ConfigError(f"config field `{key}`: {getattr(cfg, key)} must be >= 0 or null")
+    if cfg.icsm_epsilon_absolute is not None and cfg.icsm_epsilon_absolute <= 0:
+        raise ConfigError(f"config field `icsm_epsilon_absolute`: {cfg.icsm_epsilon_absolute} must be > 0 or null")
+    if cfg.prompt_template is not None and "{instruction}" not in cfg.prompt_template:
+        raise ConfigError(f"config field `prompt_template`: {cfg.prompt_template!r} must contain {{instruction}}")
     if cfg.learning_rate <= 0:
         raise ConfigError(f"config field `learning_rate`: {cfg.learning_rate} must be > 0")
     if not 0 <= cfg.min_learning_rate <= cfg.learning_rate:
@@ -335,6 +354,7 @@ def build_config(values: dict[str, Any]) -> RunConfig:
         kwargs[key] = _coerce(key, value, hints[key])
     cfg = RunConfig(**kwargs, ignored_keys=ignored)
     _validate(cfg)
+    check_compat(cfg)
     return cfg
 
 
@@ -346,11 +366,13 @@ def parse_overrides(argv: list[str]) -> dict[str, Any]:
         token = argv[i]
         if not token.startswith("--"):
             raise ConfigError(f"unexpected argument {token!r}; overrides are written `--key value`")
-        key = token[2:].replace("-", "_")
-        if "=" in key:
+        key = token[2:]
+        if "=" in key:  # split before renaming: the value may hold dashes (`--layer_ids=-2,-1`)
             key, raw = key.split("=", 1)
+            key = key.replace("-", "_")
             i += 1
         else:
+            key = key.replace("-", "_")
             if i + 1 >= len(argv):
                 raise ConfigError(f"override `--{key}` has no value; write `--{key} VALUE`")
             raw = argv[i + 1]

@@ -26,7 +26,9 @@ ENVIRONMENT_META_KEYS = ("versions",)
 # config field -> meta.json key of the setting the artifacts were built with
 BUILD_SETTINGS = {"icsm_rank": "r", "icsm_epsilon": "epsilon", "icsm_fragile_fraction": "fragile_fraction",
                   "icsm_plastic_fraction": "plastic_fraction", "icsm_sensitivity_samples": "sensitivity_samples",
-                  "seed": "seed"}
+                  "icsm_epsilon_absolute": "epsilon_absolute", "icsm_split": "split",
+                  "icsm_fragile_dim": "fragile_dim", "icsm_plastic_dim": "plastic_dim",
+                  "prompt_template": "probe_prompt_template", "seed": "seed"}
 ICSM_FORMAT = "steadyvla-icsm"
 TENSOR_KEYS = ("U_f", "U_p", "mu", "C_T", "singular_values", "sensitivity")
 

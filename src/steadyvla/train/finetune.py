@@ -16,6 +16,7 @@ from steadyvla.checkpoint.atomic import mkdir_durable
 from steadyvla.checkpoint.manager import CheckpointError
 from steadyvla.checkpoint.run_lock import RunDirBusy, RunLock
 from steadyvla.config import DEMO_DATASET_NAME, ConfigError, RunConfig
+from steadyvla.config_compat import compat_notes
 from steadyvla.data.dataset import PaddedCollator, VLADataset
 from steadyvla.data.frames import FrameSource
 from steadyvla.data.sampler import DataPosition, ResumableBatchSampler
@@ -88,11 +89,11 @@ def action_statistics(cfg: RunConfig, source: FrameSource, run_dir: Path, resumi
 
 def unavailable_settings(cfg: RunConfig) -> list[str]:
     """Messages for settings the users' configs carry that this version accepts but does not act on."""
-    notes = []
+    notes = compat_notes(cfg)
     if cfg.merge_lora_during_training:
         notes.append("merge_lora_during_training: true is ignored: merging during training reloads the base "
                       "model and caused the users' host OOM kills; checkpoints hold the PEFT adapter instead")
-    if cfg.enable_periodic_eval or cfg.early_stopping_patience is not None:
+    if cfg.enable_periodic_eval or cfg.early_stopping_enabled or cfg.early_stopping_patience is not None:
         notes.append("enable_periodic_eval / early_stopping_*: periodic evaluation is not available yet; ignored")
     return notes
 
@@ -236,7 +237,8 @@ def _train(cfg: RunConfig, env: DistEnv, log: Callable[[str], None], run_dir: Pa
         log(f"fresh start in {run_dir}: {len(source)} frames, {source.num_episodes} episodes; "
             f"LoRA r={cfg.lora_rank}: {trainable:,} trainable of {total:,} parameters")
 
-    dataset = VLADataset(source, PromptBuilder(tokenizer, cfg.prompt_template), action_tokenizer, stats,
+    # always OpenVLA's training prompt: `prompt_template` is the method's probe prompt (DESIGN.md §6)
+    dataset = VLADataset(source, PromptBuilder(tokenizer), action_tokenizer, stats,
                          ImageTransform(get_preset(cfg.model_preset), cfg.image_aug, cfg.seed))
     sampler = ResumableBatchSampler(len(dataset), cfg.batch_size, seed=cfg.seed, rank=env.rank,
                                     world_size=env.world_size, start=state.data_position)
@@ -248,6 +250,10 @@ def _train(cfg: RunConfig, env: DistEnv, log: Callable[[str], None], run_dir: Pa
                         worker_init_fn=ignore_preemption_signals if cfg.num_workers > 0 else None)
     logger = MetricsLogger(run_dir, resume_step=state.global_step, enabled=env.is_main)
     logger.load_state_dict(state.metrics_state)
+    if cfg.use_wandb and env.is_main:
+        from steadyvla.train.wandb_log import WandbTracker
+
+        logger.tracker = WandbTracker(run_dir, cfg, log)
     checkpointer = TrainerCheckpointer(run_dir, cfg, log, env, inputs)
     try:
         result = run_loop(cfg, state, iter(loader), sampler, action_tokenizer, logger, checkpointer, preemption,
