@@ -173,16 +173,14 @@ def _finetune(cfg: RunConfig, env: DistEnv, log: Callable[[str], None], preempti
             return LoopResult(plan.step, preempted=False)
         if lock is None:
             lock = _lock_run_dir(run_dir, env)
-        if lock is not None:
-            lock.announce()
-        return _train(cfg, env, log, run_dir, plan, changes, preemption)
+        return _train(cfg, env, log, run_dir, plan, changes, preemption, lock)
     finally:
         if lock is not None:
             lock.release()
 
 
 def _train(cfg: RunConfig, env: DistEnv, log: Callable[[str], None], run_dir: Path, plan: ResumePlan,
-           changes: dict, preemption: PreemptionFlag) -> LoopResult:
+           changes: dict, preemption: PreemptionFlag, lock: RunLock | None) -> LoopResult:
     """Build model and data, restore the plan's checkpoint, run the loop (the run dir is locked)."""
     source = _main_rank_first(env, lambda: open_training_data(cfg, log))
     artifacts = probe = None
@@ -202,7 +200,10 @@ def _train(cfg: RunConfig, env: DistEnv, log: Callable[[str], None], run_dir: Pa
             changes["world_size"] = {"checkpoint": plan.state.get("world_size", 1), "now": env.world_size}
             log(f"world size {changes['world_size']['checkpoint']} -> {env.world_size}: the global sample order "
                 "continues where it stopped; the global batch is now batch_size x world size")
-        apply_rewind(run_dir, plan, log)  # only once every check passed: a refused start changes nothing
+        # only once every check passed: a refused start changes nothing on disk
+        if lock is not None:
+            lock.announce()
+        apply_rewind(run_dir, plan, log)
         record_start(run_dir, cfg, resumed_from=str(plan.checkpoint) if plan.checkpoint else None,
                      resumed_step=plan.step, changes=changes,
                      rewind={"from": plan.rewind_from, "to": plan.checkpoint.name} if plan.rewind_from else None)
