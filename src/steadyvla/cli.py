@@ -1,4 +1,4 @@
-"""`steadyvla <verb>`: finetune, data (demo|inspect|stats), ckpt (ls|verify), doctor.
+"""`steadyvla <verb>`: finetune, predict, merge, data (demo|inspect|stats), ckpt (ls|verify|import-legacy), doctor.
 
 Every user error ends with one `error:` line naming the field, the value and what would be valid,
 and exit status 2; nothing on disk is touched before the config and resume target are checked.
@@ -78,6 +78,18 @@ def cmd_ckpt(args: argparse.Namespace, extra: list[str]) -> int:
     return ckpt_ls(run_dir) if args.ckpt_verb == "ls" else ckpt_verify(run_dir)
 
 
+def cmd_predict(args: argparse.Namespace, extra: list[str]) -> int:
+    import json
+
+    from steadyvla.model.bundle import load_vla
+    from steadyvla.predict import load_image, predict_action
+
+    image = load_image(args.image)  # before the model: a bad image fails fast
+    bundle = load_vla(args.vla_path, device=args.device)
+    print(json.dumps([float(v) for v in predict_action(bundle, image, args.instruction, args.unnorm_key)]))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="steadyvla", description=__doc__.splitlines()[0])
     verbs = parser.add_subparsers(dest="verb", required=True)
@@ -86,6 +98,12 @@ def build_parser() -> argparse.ArgumentParser:
         p = verbs.add_parser(name, help=helptext, description=f"{helptext}. Any config key can be overridden with "
                              "`--key value` (values read as YAML: true, false, null, numbers).")
         p.add_argument("--config", required=True, help="YAML config with flat keys (see configs/)")
+    predict = verbs.add_parser("predict", help="predict one action with an OpenVLA-layout model (prints a JSON list)")
+    predict.add_argument("--vla_path", required=True, help="OpenVLA Hugging Face directory (base or merged)")
+    predict.add_argument("--image", required=True, help="RGB image file (PNG/JPEG)")
+    predict.add_argument("--instruction", required=True, help="task instruction, e.g. 'pick up the cup'")
+    predict.add_argument("--unnorm_key", default=None, help="dataset in norm_stats (optional if there is one)")
+    predict.add_argument("--device", default="cpu", help="torch device (default cpu)")
     icsm = verbs.add_parser("icsm", help="the method's offline step: ICSM subspaces from the frozen teacher")
     icsm_verbs = icsm.add_subparsers(dest="icsm_verb", required=True)
     icsm_build = icsm_verbs.add_parser("build", help="write U_f, U_p, mu, C_T per layer to icms_artifact_dir; "
@@ -112,7 +130,7 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-COMMANDS = {"finetune": cmd_finetune, "doctor": cmd_doctor, "icsm": cmd_icsm, "data": cmd_data, "ckpt": cmd_ckpt}
+COMMANDS = {"finetune": cmd_finetune, "predict": cmd_predict, "doctor": cmd_doctor, "icsm": cmd_icsm, "data": cmd_data, "ckpt": cmd_ckpt}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -52,7 +52,7 @@ def build_vla(cfg: RunConfig, tokenizer, device: torch.device | str = "cpu") -> 
     model initialised on the CPU takes minutes and 30 GB of host RAM)."""
     torch.manual_seed(cfg.seed)
     with torch.device(device):
-        model = VLA(get_preset(cfg.model_preset), vocab_size=len(tokenizer), pad_token_id=int(tokenizer.pad_token_id))
+        model = VLA(get_preset(cfg.model_preset).spec(len(tokenizer), int(tokenizer.pad_token_id)))
     return model.to(dtype=getattr(torch, cfg.dtype))
 
 

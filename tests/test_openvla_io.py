@@ -1,0 +1,138 @@
+"""OpenVLA Hugging Face layout: write a tiny random model, load it back, bad inputs."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from safetensors import safe_open
+
+from openvla_fixtures import NORM_STATS, random_inputs, tiny_model, write_tiny_openvla
+from steadyvla import load_vla
+from steadyvla.model.openvla_config import OpenVLAFormatError
+from steadyvla.model.openvla_keys import WEIGHTS_INDEX
+from steadyvla.model.openvla_save import write_openvla_dir
+
+UPSTREAM_FILES = {"config.json", "generation_config.json", "model.safetensors.index.json", "preprocessor_config.json",
+                  "processor_config.json", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
+                  "added_tokens.json"}
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory):
+    return write_tiny_openvla(tmp_path_factory.mktemp("ov") / "tiny-openvla")
+
+
+def test_layout_files_config_fields_keys_and_dtypes(tiny_dir):
+    path, model = tiny_dir
+    names = {p.name for p in path.iterdir()}
+    assert UPSTREAM_FILES <= names
+    shards = sorted(n for n in names if n.startswith("model-"))
+    assert len(shards) > 1 and shards[0] == f"model-00001-of-{len(shards):05d}.safetensors"
+    index = json.loads((path / WEIGHTS_INDEX).read_text())
+    assert set(index["weight_map"].values()) == set(shards)
+    config = json.loads((path / "config.json").read_text())
+    assert config["model_type"] == "openvla" and config["architectures"] == ["OpenVLAForActionPrediction"]
+    assert config["arch_specifier"] == "no-align+fused-gelu-mlp" and config["use_fused_vision_backbone"] is True
+    assert config["norm_stats"] == NORM_STATS and config["torch_dtype"] == "bfloat16"
+    assert config["text_config"]["vocab_size"] == 768 and config["pad_to_multiple_of"] == 64
+    total, keys = 0, set()
+    for shard in shards:
+        with safe_open(str(path / shard), framework="pt") as f:
+            assert f.metadata() == {"format": "pt"}
+            for key in f.keys():
+                t = f.get_tensor(key)
+                assert t.dtype == torch.bfloat16, key
+                total += t.numel() * t.element_size()
+                keys.add(key)
+    assert index["metadata"]["total_size"] == total
+    assert "vision_backbone.featurizer.blocks.0.ls1.scale_factor" in keys
+    assert not any(k.endswith(".gamma") for k in keys)
+    assert keys == set(index["weight_map"]) and len(keys) == len(model.state_dict())
+    assert json.loads((path / "added_tokens.json").read_text()) == {"<PAD>": 705}
+
+
+def test_loads_back_with_bit_identical_logits(tiny_dir):
+    path, model = tiny_dir
+    bundle = load_vla(path)
+    assert all(p.dtype == torch.bfloat16 for p in bundle.model.parameters())
+    assert not any(p.is_meta for p in bundle.model.parameters())
+    inputs = random_inputs(bundle.tokenizer)
+    with torch.no_grad():
+        assert torch.equal(bundle.model(**inputs).logits, model(**inputs).logits)
+    assert bundle.norm_stats == NORM_STATS and len(bundle.tokenizer) == 706
+    assert load_vla(path, dtype="float32").model.projector.fc1.weight.dtype == torch.float32
+
+
+def test_explicit_text_config_fields_are_honoured(tmp_path):
+    model, tok = tiny_model()
+    path = write_openvla_dir(tmp_path / "m", model.spec, model.state_dict(), tok, NORM_STATS, dtype=None)
+    config = json.loads((path / "config.json").read_text())
+    config["text_config"]["rms_norm_eps"] = 1e-3  # honoured even though it is not the Llama default
+    (path / "config.json").write_text(json.dumps(config))
+    loaded = load_vla(path).model
+    assert loaded.language_model.config.rms_norm_eps == 1e-3
+    assert loaded.language_model.config.num_hidden_layers == 4 and loaded.language_model.config.hidden_size == 96
+    assert (path / "model.safetensors").exists() and not (path / WEIGHTS_INDEX).exists()
+
+
+def test_single_file_checkpoint_loads(tmp_path):
+    model, tok = tiny_model(seed=1)
+    path = write_openvla_dir(tmp_path / "m", model.spec, model.state_dict(), tok, NORM_STATS, dtype=None)
+    inputs = random_inputs(tok)
+    with torch.no_grad():
+        assert torch.equal(load_vla(path).model(**inputs).logits, model(**inputs).logits)
+
+
+def test_not_an_openvla_dir(tmp_path):
+    with pytest.raises(OpenVLAFormatError, match="config.json: missing"):
+        load_vla(tmp_path)
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "llama"}))
+    with pytest.raises(OpenVLAFormatError, match="`model_type` = 'llama', expected 'openvla'"):
+        load_vla(tmp_path)
+
+
+def _copy(src, dst):
+    import shutil
+
+    shutil.copytree(src, dst)
+    return dst
+
+
+def test_missing_shard_is_named(tiny_dir, tmp_path):
+    path = _copy(tiny_dir[0], tmp_path / "m")
+    (path / "model-00002-of-00005.safetensors").unlink()
+    with pytest.raises(OpenVLAFormatError, match="model-00002-of-00005.safetensors: shard listed in .* is missing"):
+        load_vla(path)
+
+
+def test_truncated_shard_is_named(tiny_dir, tmp_path):
+    path = _copy(tiny_dir[0], tmp_path / "m")
+    shard = path / "model-00003-of-00005.safetensors"
+    shard.write_bytes(shard.read_bytes()[:-1000])
+    with pytest.raises(OpenVLAFormatError, match="model-00003-of-00005.safetensors: unreadable safetensors"):
+        load_vla(path)
+
+
+def test_shape_mismatch_names_key_shard_and_shapes(tiny_dir, tmp_path):
+    path = _copy(tiny_dir[0], tmp_path / "m")
+    config = json.loads((path / "config.json").read_text())
+    config["text_config"]["intermediate_size"] = 200
+    (path / "config.json").write_text(json.dumps(config))
+    with pytest.raises(OpenVLAFormatError) as err:
+        load_vla(path)
+    message = str(err.value)
+    assert "shape mismatches" in message and "mlp.gate_proj.weight in model-0000" in message
+    assert "expected [200, 96], found [192, 96]" in message
+
+
+def test_missing_and_unexpected_keys_are_reported(tmp_path):
+    model, tok = tiny_model()
+    state = model.state_dict()
+    state["projector.extra.weight"] = torch.zeros(2)
+    del state["projector.fc3.bias"]
+    path = write_openvla_dir(tmp_path / "m", model.spec, state, tok, NORM_STATS)
+    with pytest.raises(OpenVLAFormatError, match=r"missing keys \(1\): projector.fc3.bias .*unexpected keys \(1\): "
+                                                 r"projector.extra.weight \(in model.safetensors\)"):
+        load_vla(path)
