@@ -39,13 +39,14 @@ def tiny_model(seed: int = 0):
 
 
 def write_tiny_openvla(out: Path, seed: int = 0, norm_stats: dict | None = None,
-                       max_shard_bytes: int = SMALL_SHARD_BYTES) -> tuple[Path, torch.nn.Module]:
-    """A tiny random VLA written as an OpenVLA dir (bf16 shards); returns the dir and the model
-    cast to what the checkpoint holds."""
+                       max_shard_bytes: int = SMALL_SHARD_BYTES,
+                       dtype: torch.dtype | None = torch.bfloat16) -> tuple[Path, torch.nn.Module]:
+    """A tiny random VLA written as an OpenVLA dir (bf16 shards unless `dtype` None = float32);
+    returns the dir and the model cast to what the checkpoint holds."""
     model, tok = tiny_model(seed)
-    write_openvla_dir(out, model.spec, model.state_dict(), tok, norm_stats or NORM_STATS,
+    write_openvla_dir(out, model.spec, model.state_dict(), tok, norm_stats or NORM_STATS, dtype=dtype,
                       max_shard_bytes=max_shard_bytes)
-    return out, cast_like_loaded(model, torch.bfloat16)
+    return out, cast_like_loaded(model, dtype) if dtype is not None else model
 
 
 def random_inputs(tok, batch: int = 2, length: int = 12, image_size: int = 56, seed: int = 0) -> dict:

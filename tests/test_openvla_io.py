@@ -136,3 +136,32 @@ def test_missing_and_unexpected_keys_are_reported(tmp_path):
     with pytest.raises(OpenVLAFormatError, match=r"missing keys \(1\): projector.fc3.bias .*unexpected keys \(1\): "
                                                  r"projector.extra.weight \(in model.safetensors\)"):
         load_vla(path)
+
+
+def test_upstream_openvla_7b_config_builds_the_exact_key_set(tmp_path):
+    """openvla-7b's config.json (DESIGN.md §8) -> 982 tensors, 7,541,237,184 parameters (meta device)."""
+    from steadyvla.model.openvla_config import openvla_config_from_spec, preprocessor_config_from_spec
+    from steadyvla.model.openvla_keys import to_openvla_key
+    from steadyvla.model.openvla_load import build_empty, read_openvla_dir
+    from steadyvla.model.presets import get_preset
+
+    spec7 = get_preset("openvla-7b").spec(32001, 32000)
+    config = openvla_config_from_spec(spec7, NORM_STATS)
+    assert config["text_config"] == {"model_type": "llama", "pad_token_id": 32000, "torch_dtype": "bfloat16",
+                                     "vocab_size": 32064}
+    assert config["timm_model_ids"] == ["vit_large_patch14_reg4_dinov2.lvd142m", "vit_so400m_patch14_siglip_224"]
+    assert "timm_model_kwargs" not in config and config["image_sizes"] == [224, 224]
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    (tmp_path / "preprocessor_config.json").write_text(json.dumps(preprocessor_config_from_spec(spec7)))
+    (tmp_path / "model.safetensors.index.json").write_text(json.dumps({"weight_map": {}}))
+    with pytest.raises(OpenVLAFormatError, match="`weight_map` missing or empty"):
+        read_openvla_dir(tmp_path)
+    from steadyvla.model.openvla_config import spec_from_openvla_config
+
+    state = build_empty(spec_from_openvla_config(config, tmp_path)).state_dict()
+    assert len(state) == 982 and sum(t.numel() for t in state.values()) == 7_541_237_184
+    keys = {to_openvla_key(k) for k in state}
+    assert {"vision_backbone.featurizer.blocks.23.ls2.scale_factor", "vision_backbone.fused_featurizer.attn_pool.latent",
+            "projector.fc3.weight", "language_model.lm_head.weight"} <= keys
+    assert list(state["projector.fc1.weight"].shape) == [8704, 2176]
+    assert list(state["language_model.lm_head.weight"].shape) == [32064, 4096]

@@ -17,7 +17,6 @@ from steadyvla.method.icsm import (
 )
 from steadyvla.method.probe import ProbeSet, encode_probe_batch, probe_from_jsonl, probe_from_source
 from steadyvla.model.build import build_vla, load_tokenizer
-from steadyvla.model.presets import get_preset
 from steadyvla.model.prompt import PromptBuilder
 from steadyvla.versions import library_versions
 
@@ -65,7 +64,7 @@ def build_icsm(cfg: RunConfig, training_source, log: Callable[[str], None] = pri
     groups = layer_groups(cfg.hsw_layer_ids, len(decoder_layers(teacher)))
     reps = [g[-1] for g in groups]
     builder = PromptBuilder(tokenizer, cfg.prompt_template)
-    transform = ImageTransform(get_preset(cfg.model_preset), image_aug=False, seed=cfg.seed)
+    transform = ImageTransform(teacher.spec, image_aug=False, seed=cfg.seed)
 
     def batch_of(indices: list[int]):
         return encode_probe_batch(probe, indices, builder, transform, teacher.num_patches, int(tokenizer.pad_token_id))

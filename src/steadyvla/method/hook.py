@@ -19,7 +19,7 @@ from steadyvla.method.hsw import HSWHooks
 from steadyvla.method.icsm import covariance, decoder_layers, layer_groups, pooled_instruction_states
 from steadyvla.method.probe import ProbeSet, encode_probe_batch
 from steadyvla.method.thermostat import Thermostat, ThermostatSettings, broadcast_from_rank0
-from steadyvla.model.presets import get_preset
+from steadyvla.model.build import model_spec
 from steadyvla.model.prompt import PromptBuilder
 from steadyvla.train.hooks import TrainHook
 
@@ -42,7 +42,7 @@ class MethodHook(TrainHook):
         self.representatives = [g[-1] for g in groups]
         self.teacher_cov = {r: artifacts.tensors[r]["C_T"].to(device) for r in self.representatives}
         self.prompt_builder = PromptBuilder(tokenizer, cfg.prompt_template)
-        self.transform = ImageTransform(get_preset(cfg.model_preset), image_aug=False, seed=cfg.seed)
+        self.transform = ImageTransform(model_spec(cfg, tokenizer), image_aug=False, seed=cfg.seed)
         self.pad_token_id = int(tokenizer.pad_token_id)
         layers = decoder_layers(model)
         hooked = [i for g in groups for i in g]

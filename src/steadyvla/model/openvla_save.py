@@ -136,11 +136,11 @@ def write_openvla_dir(
         _write_json(staged / CONFIG_JSON, config or openvla_config_from_spec(spec, norm_stats, dtype_name))
         if not (staged / TOKENIZER_CONFIG_JSON).exists():
             write_tokenizer(tokenizer, staged, int(spec.llm.get("max_position_embeddings", 2048)))
-        for name, content in ((GENERATION_CONFIG_JSON, generation_config(tokenizer)),
-                              (PREPROCESSOR_CONFIG_JSON, preprocessor_config_from_spec(spec)),
-                              (PROCESSOR_CONFIG_JSON, processor_config())):
-            if not (staged / name).exists():
-                _write_json(staged / name, content)
+        for name, content in ((GENERATION_CONFIG_JSON, lambda: generation_config(tokenizer)),
+                              (PREPROCESSOR_CONFIG_JSON, lambda: preprocessor_config_from_spec(spec)),
+                              (PROCESSOR_CONFIG_JSON, processor_config)):
+            if not (staged / name).exists():  # files carried over from a base dir win
+                _write_json(staged / name, content())
         commit_dir(staged, out)
     except BaseException:
         shutil.rmtree(staged, ignore_errors=True)

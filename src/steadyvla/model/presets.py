@@ -59,7 +59,7 @@ PRESETS: dict[str, VLAPreset] = {
         name="openvla-7b",
         image_size=224,
         towers=(
-            TowerSpec("vit_large_patch14_reg4_dinov2", DINOV2_MEAN, DINOV2_STD, dict(img_size=224)),
+            TowerSpec("vit_large_patch14_reg4_dinov2.lvd142m", DINOV2_MEAN, DINOV2_STD, dict(img_size=224)),
             TowerSpec("vit_so400m_patch14_siglip_224", SIGLIP_MEAN, SIGLIP_STD, dict(img_size=224)),
         ),
         llm=dict(
