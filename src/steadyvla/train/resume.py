@@ -11,6 +11,9 @@ from pathlib import Path
 from typing import Any, Callable
 
 from steadyvla.checkpoint.layout import TRAINER_STATE_JSON
+from steadyvla.checkpoint.legacy import (
+    LEGACY_TRAINER_STATE, check_adapter_config, is_legacy_adapter_dir, read_adapter_weights,
+)
 from steadyvla.checkpoint.manager import CheckpointError, CheckpointManager
 from steadyvla.config import RESUME_CRITICAL_FIELDS, ConfigError, RunConfig
 
@@ -21,6 +24,7 @@ class ResumePlan:
 
     checkpoint: Path | None
     state: dict[str, Any]
+    adapter_weights: Path | None = None  # an old PEFT adapter dir: LoRA weights only, the rest fresh
 
     @property
     def step(self) -> int:
@@ -35,6 +39,8 @@ def plan_resume(cfg: RunConfig, run_dir: Path, log: Callable[[str], None]) -> Re
     """Apply `resume` / `resume_adapter_dir` / `resume_global_step` (DESIGN.md §5)."""
     explicit = cfg.resume_adapter_dir or (cfg.resume if cfg.resume not in ("auto", "never") else None)
     manager = CheckpointManager(run_dir, log=log)
+    if cfg.resume_adapter_dir and is_legacy_adapter_dir(Path(cfg.resume_adapter_dir)):
+        return _legacy_adapter_plan(cfg, Path(cfg.resume_adapter_dir), log)
     if explicit:
         try:
             ckpt = manager.resolve_explicit(Path(explicit))
@@ -60,6 +66,18 @@ def plan_resume(cfg: RunConfig, run_dir: Path, log: Callable[[str], None]) -> Re
     plan = ResumePlan(ckpt, read_trainer_state(ckpt))
     check_resume_step(cfg, plan)
     return plan
+
+
+def _legacy_adapter_plan(cfg: RunConfig, adapter_dir: Path, log: Callable[[str], None]) -> ResumePlan:
+    check_adapter_config(adapter_dir, cfg)  # refused here, before anything is written
+    read_adapter_weights(adapter_dir)
+    log(f"resume_adapter_dir {adapter_dir} is a PEFT adapter from an older script, not a steadyvla checkpoint: "
+        "its LoRA weights are loaded; the optimizer, the LR schedule, the step count and the data position "
+        "start fresh")
+    if (adapter_dir / LEGACY_TRAINER_STATE).exists():
+        log(f"{adapter_dir / LEGACY_TRAINER_STATE} is not read here; `steadyvla ckpt import-legacy` converts it "
+            "into a checkpoint that restores the optimizer and scheduler too")
+    return ResumePlan(None, {}, adapter_weights=adapter_dir)
 
 
 def check_resume_step(cfg: RunConfig, plan: ResumePlan) -> None:
