@@ -80,7 +80,10 @@ def read_openvla_dir(path: Path | str) -> OpenVLADir:
     return OpenVLADir(path, config, spec, norm_stats, _weight_map(path))
 
 
-def _check_keys(src: OpenVLADir, model: torch.nn.Module) -> None:
+def check_weights(src: OpenVLADir, model: torch.nn.Module | None = None) -> None:
+    """Compare every shard's header with the model `src.spec` builds (on the meta device unless
+    given); reads no tensor data."""
+    model = model if model is not None else build_empty(src.spec)
     expected = {name: list(t.shape) for name, t in model.state_dict().items()}
     found: dict[str, tuple[str, list[int]]] = {}
     for shard in src.shard_files:
@@ -110,7 +113,7 @@ def load_weights(src: OpenVLADir, device: torch.device | str = "cpu", dtype: tor
     are cast as they are read.
     """
     model = build_empty(src.spec)
-    _check_keys(src, model)
+    check_weights(src, model)
     device = torch.device(device)
     for shard in src.shard_files:
         path = src.path / shard
