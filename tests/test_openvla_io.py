@@ -165,3 +165,17 @@ def test_upstream_openvla_7b_config_builds_the_exact_key_set(tmp_path):
             "projector.fc3.weight", "language_model.lm_head.weight"} <= keys
     assert list(state["projector.fc1.weight"].shape) == [8704, 2176]
     assert list(state["language_model.lm_head.weight"].shape) == [32064, 4096]
+
+
+def test_finetune_with_a_bad_vla_path_fails_before_writing(tiny_dir, tmp_path):
+    from helpers import REPO, run_cli
+
+    path = _copy(tiny_dir[0], tmp_path / "m")
+    shard = path / "model-00001-of-00005.safetensors"
+    shard.write_bytes(shard.read_bytes()[:100])
+    runs = tmp_path / "runs"
+    done = run_cli(["finetune", "--config", str(REPO / "configs" / "demo.yaml"), "--vla_path", str(path),
+                    "--run_root_dir", str(runs), "--data_root_dir", str(tmp_path / "data")])
+    assert done.returncode == 2
+    assert done.stderr.strip().splitlines()[-1].startswith(f"error: config field `vla_path`: {shard}: unreadable")
+    assert not runs.exists() and not (tmp_path / "data").exists()
