@@ -98,3 +98,21 @@ def test_merge_bad_input_writes_nothing(trained, tmp_path):
     done = run_cli(["merge", "--checkpoint", str(tmp_path / "nope"), "--out", str(tmp_path / "out")])
     assert done.returncode == 2 and done.stderr.strip().splitlines()[-1].startswith("error: --checkpoint:")
     assert tree_digest(tmp_path) == before and not (tmp_path / "out").exists()
+
+
+def test_merge_of_a_random_init_preset_run(make_config, tmp_path):
+    """A run without vla_path merges into its seeded preset and predicts like the unmerged model."""
+    from steadyvla.model.build import build_vla, load_tokenizer
+
+    cfg = make_config(max_steps=2, save_steps=2, learning_rate=3e-2)
+    finetune(cfg, log=lambda _m: None)
+    run_dir = next((tmp_path / "runs").iterdir())
+    merged = load_vla(merge_checkpoint(run_dir, tmp_path / "merged", log=lambda _m: None))
+    assert set(merged.norm_stats) == {"synth"} and merged.spec.llm["vocab_size"] == 768
+    ckpt = sorted((run_dir / "checkpoints").glob("step-*"))[-1]
+    tok = load_tokenizer(cfg)
+    unmerged = PeftModel.from_pretrained(build_vla(cfg, tok), str(ckpt)).base_model.model.eval()
+    bundle = VLABundle(unmerged, tok, merged.spec, merged.norm_stats)
+    image = (np.random.default_rng(1).random((32, 32, 3)) * 255).astype(np.uint8)
+    np.testing.assert_array_equal(predict_action(merged, image, "open the green drawer"),
+                                  predict_action(bundle, image, "open the green drawer"))
