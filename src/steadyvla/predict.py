@@ -114,7 +114,9 @@ def predict_action(
     """
     stats = action_stats(model.norm_stats, unnorm_key)
     n_dims = len(stats["q01"])
-    single = isinstance(image, (Image.Image, np.ndarray)) and np.asarray(_as_rgb(image)).ndim == 3
+    if isinstance(image, np.ndarray) and image.ndim not in (3, 4):
+        raise ConfigError(f"image: array of shape {image.shape}; expected RGB [H, W, 3] or a batch [B, H, W, 3]")
+    single = isinstance(image, Image.Image) or (isinstance(image, np.ndarray) and image.ndim == 3)
     images = [image] if single else list(image)
     instructions = [instruction] * len(images) if isinstance(instruction, str) else list(instruction)
     if len(instructions) != len(images):
