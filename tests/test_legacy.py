@@ -61,6 +61,11 @@ def test_finetune_starts_from_an_old_adapter_with_fresh_optimizer(make_config, t
     seeded, plain = metrics_lines(run_dir_for(cfg)), metrics_lines(run_dir_for(fresh))
     assert [r["step"] for r in seeded] == [1, 2]
     assert seeded[0]["train_loss"] != plain[0]["train_loss"]  # the adapter changed the model
+    before = tree_digest(run_dir_for(cfg))
+    with pytest.raises(ConfigError, match="already holds checkpoints up to step 2; drop resume_adapter_dir"):
+        finetune(make_config(resume_adapter_dir=str(tmp_path / "adapter"), max_steps=4, save_steps=2),
+                 log=lambda _m: None)
+    assert tree_digest(run_dir_for(cfg)) == before
 
 
 class _Custom:

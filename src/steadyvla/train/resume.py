@@ -40,6 +40,13 @@ def plan_resume(cfg: RunConfig, run_dir: Path, log: Callable[[str], None]) -> Re
     explicit = cfg.resume_adapter_dir or (cfg.resume if cfg.resume not in ("auto", "never") else None)
     manager = CheckpointManager(run_dir, log=log)
     if cfg.resume_adapter_dir and is_legacy_adapter_dir(Path(cfg.resume_adapter_dir)):
+        existing = [c for c in manager.list_checkpoints() if c.complete] if run_dir.exists() else []
+        if existing:
+            raise ConfigError(
+                f"config field `resume_adapter_dir`: {cfg.resume_adapter_dir} is an old PEFT adapter (a fresh start), "
+                f"but {run_dir} already holds checkpoints up to step {existing[-1].step}; drop resume_adapter_dir to "
+                "continue that run, or pick another run_id / run_id_note"
+            )
         return _legacy_adapter_plan(cfg, Path(cfg.resume_adapter_dir), log)
     if explicit:
         try:
