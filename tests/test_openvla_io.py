@@ -179,3 +179,35 @@ def test_finetune_with_a_bad_vla_path_fails_before_writing(tiny_dir, tmp_path):
     assert done.returncode == 2
     assert done.stderr.strip().splitlines()[-1].startswith(f"error: config field `vla_path`: {shard}: unreadable")
     assert not runs.exists() and not (tmp_path / "data").exists()
+
+
+def test_single_tower_checkpoint_round_trips_and_predicts(tmp_path):
+    """use_fused_vision_backbone false: one SigLIP tower, the 2-layer projector, 3 image channels."""
+    import dataclasses
+
+    import numpy as np
+
+    from steadyvla import predict_action
+    from steadyvla.model.vla import VLA
+
+    fused, tok = tiny_model()
+    spec = dataclasses.replace(fused.spec, towers=fused.spec.towers[1:])
+    torch.manual_seed(0)
+    model = VLA(spec).eval()
+    path = write_openvla_dir(tmp_path / "m", spec, model.state_dict(), tok, NORM_STATS, dtype=None)
+    config = json.loads((path / "config.json").read_text())
+    assert config["use_fused_vision_backbone"] is False and config["arch_specifier"] == "no-align+gelu-mlp"
+    bundle = load_vla(path)
+    assert not hasattr(bundle.model.projector, "fc3") and bundle.model.vision_backbone.fused_featurizer is None
+    inputs = random_inputs(tok)
+    inputs["pixel_values"] = inputs["pixel_values"][:, :3]
+    with torch.no_grad():
+        assert torch.equal(bundle.model(**inputs).logits, model(**inputs).logits)
+    image = (np.random.default_rng(0).random((40, 40, 3)) * 255).astype(np.uint8)
+    assert bundle.image_transform(image, 0, 0).shape == (3, 56, 56)
+    assert predict_action(bundle, image, "pick").shape == (7,)
+    config["arch_specifier"] = "no-align+fused-gelu-mlp"
+    (path / "config.json").write_text(json.dumps(config))
+    with pytest.raises(OpenVLAFormatError, match="`arch_specifier` = 'no-align\\+fused-gelu-mlp', expected "
+                                                 "'no-align\\+gelu-mlp' with use_fused_vision_backbone=False"):
+        load_vla(path)
