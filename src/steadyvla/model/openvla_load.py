@@ -2,10 +2,15 @@
 
 The model is built with parameters on the meta device (buffers such as the rotary frequencies
 are real), then each shard's tensors are read straight onto the target device and assigned in
-place of the meta parameters: host memory stays near one tensor for a GPU target, and nothing is
+place of the meta parameters: host memory stays near one shard for a GPU target, and nothing is
 ever initialised twice. Before any tensor data is read, every shard's header is checked against
 the model: missing, unexpected and shape-mismatched keys are one error naming the first keys,
 their shard and the expected vs found shapes. Nothing is silently re-initialised.
+
+On the CPU, safetensors hands out copy-on-write mappings of the shard files: pages load when
+touched and the model is the only copy (an in-place merge copies just the pages it writes). The
+files must therefore stay unchanged while the model is in use; steadyvla never writes into a
+directory it loaded from (merge writes a new one).
 """
 
 from __future__ import annotations
