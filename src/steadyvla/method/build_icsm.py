@@ -14,7 +14,6 @@ from steadyvla.method.artifacts import ICSM_FORMAT, IcsmArtifacts, read_artifact
 from steadyvla.method.icsm import IcsmOptions, decoder_layers, layer_groups, layer_subspaces, pooled_instruction_states
 from steadyvla.method.probe import ProbeSet, encode_probe_batch, probe_from_jsonl, probe_from_source
 from steadyvla.model.build import build_vla, load_tokenizer
-from steadyvla.model.presets import get_preset
 from steadyvla.model.prompt import PromptBuilder, probe_template
 from steadyvla.versions import library_versions
 
@@ -70,7 +69,7 @@ def build_icsm(cfg: RunConfig, training_source, log: Callable[[str], None] = pri
     reps = [g[-1] for g in groups]
     builder = PromptBuilder(tokenizer, probe_template(cfg.prompt_template))
     options = IcsmOptions.from_config(cfg)
-    transform = ImageTransform(get_preset(cfg.model_preset), image_aug=False, seed=cfg.seed)
+    transform = ImageTransform(teacher.spec, image_aug=False, seed=cfg.seed)
 
     def batch_of(indices: list[int]):
         return encode_probe_batch(probe, indices, builder, transform, teacher.num_patches, int(tokenizer.pad_token_id))

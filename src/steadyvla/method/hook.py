@@ -19,7 +19,7 @@ from steadyvla.method.hsw import HSWHooks
 from steadyvla.method.icsm import covariance_drift, decoder_layers, layer_groups, pooled_instruction_states
 from steadyvla.method.probe import ProbeSet, encode_probe_batch
 from steadyvla.method.thermostat import Thermostat, ThermostatSettings, broadcast_from_rank0
-from steadyvla.model.presets import get_preset
+from steadyvla.model.build import model_spec
 from steadyvla.model.prompt import DEFAULT_PROMPT_TEMPLATE, PromptBuilder, probe_template
 from steadyvla.train.hooks import TrainHook
 
@@ -52,7 +52,7 @@ class MethodHook(TrainHook):
         if built_with != self.prompt_builder.template:
             raise ConfigError(f"config field `prompt_template`: {self.prompt_builder.template!r}, but the ICSM "
                               f"artifacts were built with probe prompt {built_with!r}; rebuild them or set it back")
-        self.transform = ImageTransform(get_preset(cfg.model_preset), image_aug=False, seed=cfg.seed)
+        self.transform = ImageTransform(model_spec(cfg, tokenizer), image_aug=False, seed=cfg.seed)
         self.pad_token_id = int(tokenizer.pad_token_id)
         layers = decoder_layers(model)
         hooked = [i for g in groups for i in g]

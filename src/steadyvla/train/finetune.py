@@ -23,8 +23,7 @@ from steadyvla.data.sampler import DataPosition, ResumableBatchSampler
 from steadyvla.data.stats import compute_action_statistics, load_dataset_statistics, write_dataset_statistics
 from steadyvla.data.transforms import ImageTransform
 from steadyvla.distributed import DistEnv, barrier, init_distributed, shutdown, wrap_data_parallel
-from steadyvla.model.build import action_tokenizer_for, build_vla, load_tokenizer, wrap_lora
-from steadyvla.model.presets import get_preset
+from steadyvla.model.build import action_tokenizer_for, build_vla, load_tokenizer, model_spec, openvla_source, wrap_lora
 from steadyvla.model.prompt import PromptBuilder
 from steadyvla.train.checkpointing import TrainerCheckpointer, TrainState, load_into
 from steadyvla.train.hooks import TrainHook
@@ -92,7 +91,8 @@ def unavailable_settings(cfg: RunConfig) -> list[str]:
     notes = compat_notes(cfg)
     if cfg.merge_lora_during_training:
         notes.append("merge_lora_during_training: true is ignored: merging during training reloads the base "
-                      "model and caused the users' host OOM kills; checkpoints hold the PEFT adapter instead")
+                      "model and caused the users' host OOM kills; checkpoints hold the PEFT adapter instead, and "
+                      "`steadyvla merge --checkpoint RUN_DIR --out DIR` merges one offline")
     if cfg.enable_periodic_eval or cfg.early_stopping_enabled or cfg.early_stopping_patience is not None:
         notes.append("enable_periodic_eval / early_stopping_*: periodic evaluation is not available yet; ignored")
     return notes
@@ -160,6 +160,8 @@ def _check_resume_inputs(cfg: RunConfig, plan: ResumePlan, inputs: dict, changes
 
 def _finetune(cfg: RunConfig, env: DistEnv, log: Callable[[str], None], preemption: PreemptionFlag) -> LoopResult:
     run_dir = run_dir_for(cfg)
+    if cfg.vla_path:  # a bad checkpoint dir fails here, before anything is written
+        openvla_source(cfg)
     for note in unavailable_settings(cfg):
         log(note)
     # An existing run dir is locked before it is read, so the plan cannot race a live run; a new one is
@@ -212,7 +214,8 @@ def _train(cfg: RunConfig, env: DistEnv, log: Callable[[str], None], run_dir: Pa
     device = env.device
 
     tokenizer = load_tokenizer(cfg)
-    action_tokenizer = action_tokenizer_for(tokenizer)
+    spec = model_spec(cfg, tokenizer)
+    action_tokenizer = action_tokenizer_for(tokenizer, spec if cfg.vla_path else None)
     model = wrap_lora(build_vla(cfg, tokenizer, device), cfg)
     if env.rank > 0:  # same weights on every rank (seeded init), different dropout draws
         seed_everything(cfg.seed + env.rank)
@@ -233,6 +236,11 @@ def _train(cfg: RunConfig, env: DistEnv, log: Callable[[str], None], run_dir: Pa
         log(f"restored step {state.global_step}, epoch {state.data_position.epoch}, sample "
             f"{state.data_position.position} of {len(source)}, lr {scheduler.get_last_lr()[0]:.3e}")
     else:
+        if plan.adapter_weights is not None:
+            from steadyvla.checkpoint.legacy import load_adapter_weights
+
+            count = load_adapter_weights(model, plan.adapter_weights, cfg)
+            log(f"loaded {count} LoRA tensors from {plan.adapter_weights}")
         trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
         total = sum(p.numel() for p in model.parameters())
         log(f"fresh start in {run_dir}: {len(source)} frames, {source.num_episodes} episodes; "
@@ -240,7 +248,7 @@ def _train(cfg: RunConfig, env: DistEnv, log: Callable[[str], None], run_dir: Pa
 
     # always OpenVLA's training prompt: `prompt_template` is the method's probe prompt (DESIGN.md §6)
     dataset = VLADataset(source, PromptBuilder(tokenizer), action_tokenizer, stats,
-                         ImageTransform(get_preset(cfg.model_preset), cfg.image_aug, cfg.seed))
+                         ImageTransform(spec, cfg.image_aug, cfg.seed))
     sampler = ResumableBatchSampler(len(dataset), cfg.batch_size, seed=cfg.seed, rank=env.rank,
                                     world_size=env.world_size, start=state.data_position)
     loader = DataLoader(dataset, batch_sampler=sampler, num_workers=cfg.num_workers,

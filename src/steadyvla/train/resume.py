@@ -11,6 +11,9 @@ from pathlib import Path
 from typing import Any, Callable
 
 from steadyvla.checkpoint.layout import CHECKPOINTS_DIR, TRAINER_STATE_JSON
+from steadyvla.checkpoint.legacy import (
+    LEGACY_TRAINER_STATE, check_adapter_config, is_legacy_adapter_dir, read_adapter_weights,
+)
 from steadyvla.checkpoint.manager import CheckpointError, CheckpointManager
 from steadyvla.config import ConfigError, RunConfig, critical_values
 from steadyvla.train.checkpointing import REWINDS_KEY
@@ -31,6 +34,7 @@ class ResumePlan:
     state: dict[str, Any]
     rewind_mark: str | None = None
     rewind_from: str | None = None
+    adapter_weights: Path | None = None  # an old PEFT adapter dir: LoRA weights only, the rest fresh
 
     @property
     def step(self) -> int:
@@ -53,6 +57,13 @@ def plan_resume(cfg: RunConfig, run_dir: Path, log: Callable[[str], None]) -> Re
     """Apply `resume` / `resume_adapter_dir` / `resume_rewind` / `resume_global_step` (DESIGN.md §5)."""
     explicit = cfg.resume_adapter_dir or (cfg.resume if cfg.resume not in ("auto", "never") else None)
     manager = CheckpointManager(run_dir, log=log)
+    if cfg.resume_adapter_dir and is_legacy_adapter_dir(Path(cfg.resume_adapter_dir)):
+        if manager.resolve_latest() is None:
+            return _legacy_adapter_plan(cfg, Path(cfg.resume_adapter_dir), log)
+        # the adapter was this run's starting point; the run went on from it (then was preempted)
+        log(f"resume_adapter_dir {cfg.resume_adapter_dir} (an old PEFT adapter) was only this run's starting point: "
+            f"{run_dir} already holds checkpoints of the run, so it continues from the newest one")
+        explicit = None
     if explicit:
         field = "resume_adapter_dir" if cfg.resume_adapter_dir else "resume"
         try:
@@ -83,6 +94,18 @@ def plan_resume(cfg: RunConfig, run_dir: Path, log: Callable[[str], None]) -> Re
         log(f"resume_global_step {cfg.resume_global_step} ignored (resume_step_override: true): continuing from "
             f"the checkpoint's own step {plan.step}")
     return plan
+
+
+def _legacy_adapter_plan(cfg: RunConfig, adapter_dir: Path, log: Callable[[str], None]) -> ResumePlan:
+    check_adapter_config(adapter_dir, cfg)  # refused here, before anything is written
+    read_adapter_weights(adapter_dir)
+    log(f"resume_adapter_dir {adapter_dir} is a PEFT adapter from an older script, not a steadyvla checkpoint: "
+        "its LoRA weights are loaded; the optimizer, the LR schedule, the step count and the data position "
+        "start fresh")
+    if (adapter_dir / LEGACY_TRAINER_STATE).exists():
+        log(f"{adapter_dir / LEGACY_TRAINER_STATE} is not read here; `steadyvla ckpt import-legacy` converts it "
+            "into a checkpoint that restores the optimizer and scheduler too")
+    return ResumePlan(None, {}, adapter_weights=adapter_dir)
 
 
 def _nothing_verifies(run_dir: Path, skipped: list[str]) -> str:
