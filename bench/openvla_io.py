@@ -10,9 +10,14 @@ peak RSS (getrusage maxrss) is its own:
 - `steadyvla`: `load_vla(dir, device="cuda")` (meta init, shards streamed onto the GPU);
 - `naive`: the reference, what `from_pretrained` on the CPU then `.to("cuda")` does: the whole
   state dict read into host memory, the model materialised on the CPU, then moved;
-- `predict`: median `predict_action` latency over --repeats calls (after one warm-up);
-- `merge`: a random rank-32 LoRA adapter on every linear layer merged into the base on the CPU and
-  the result written as an OpenVLA dir (what `steadyvla merge` does after reading the checkpoint).
+- `predict`: median `predict_action` latency over --repeats calls (after one warm-up), one image
+  and a batch of 8;
+- `finetune`: one step of `finetune --vla_path` (bf16, LoRA r=32) on a small synthetic dataset,
+  which writes a real checkpoint;
+- `merge`: `merge_checkpoint` (what `steadyvla merge` runs) of that checkpoint into the base on the
+  CPU, written as a new OpenVLA dir.
+
+The naive and steadyvla loads alternate for --rounds rounds (medians reported).
 """
 
 from __future__ import annotations
@@ -23,7 +28,6 @@ import resource
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -33,6 +37,10 @@ import torch
 
 def _rss_gib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024**2
+
+
+def _gpu_peak_gib() -> float:
+    return torch.cuda.max_memory_allocated() / 1024**3
 
 
 def cmd_write(args: argparse.Namespace) -> dict:
@@ -60,7 +68,7 @@ def cmd_steadyvla(args: argparse.Namespace) -> dict:
     start = time.perf_counter()
     load_vla(args.dir, device="cuda")
     torch.cuda.synchronize()
-    return {"load_s": time.perf_counter() - start, "peak_rss_gib": _rss_gib()}
+    return {"load_s": time.perf_counter() - start, "peak_rss_gib": _rss_gib(), "gpu_peak_gib": _gpu_peak_gib()}
 
 
 def cmd_naive(args: argparse.Namespace) -> dict:
@@ -78,59 +86,89 @@ def cmd_naive(args: argparse.Namespace) -> dict:
     model.load_state_dict(state, assign=True)
     model.to("cuda")
     torch.cuda.synchronize()
-    return {"load_s": time.perf_counter() - start, "peak_rss_gib": _rss_gib()}
+    return {"load_s": time.perf_counter() - start, "peak_rss_gib": _rss_gib(), "gpu_peak_gib": _gpu_peak_gib()}
 
 
 def cmd_predict(args: argparse.Namespace) -> dict:
     from steadyvla import load_vla, predict_action
 
     vla = load_vla(args.dir, device="cuda")
-    image = (np.random.default_rng(0).random((256, 256, 3)) * 255).astype(np.uint8)
-    predict_action(vla, image, "put the eggplant in the pot")
-    times = []
-    for _ in range(args.repeats):
-        torch.cuda.synchronize()
-        start = time.perf_counter()
-        predict_action(vla, image, "put the eggplant in the pot")
-        torch.cuda.synchronize()
-        times.append(time.perf_counter() - start)
-    return {"predict_median_s": statistics.median(times), "repeats": args.repeats}
+    rng = np.random.default_rng(0)
+    images = [(rng.random((256, 256, 3)) * 255).astype(np.uint8) for _ in range(8)]
+    out = {}
+    for name, batch in (("single", images[0]), ("batch8", images)):
+        predict_action(vla, batch, "put the eggplant in the pot")
+        times = []
+        for _ in range(args.repeats):
+            torch.cuda.synchronize()
+            start = time.perf_counter()
+            predict_action(vla, batch, "put the eggplant in the pot")
+            torch.cuda.synchronize()
+            times.append(time.perf_counter() - start)
+        out[f"predict_{name}_median_s"] = statistics.median(times)
+    out["repeats"] = args.repeats
+    return out
+
+
+def cmd_finetune(args: argparse.Namespace) -> dict:
+    """One LoRA step of `steadyvla finetune --vla_path` (bf16, r=32) on a small synthetic dataset,
+    so that `merge` has a real checkpoint to merge."""
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+    from synthetic import write_synthetic_dataset
+
+    from steadyvla.config import build_config
+    from steadyvla.train.finetune import finetune
+
+    work = Path(args.dir).parent
+    write_synthetic_dataset(work / "data" / "synth")
+    cfg = build_config({"vla_path": args.dir, "dtype": "bfloat16", "data_root_dir": str(work / "data"),
+                        "dataset_name": "synth", "run_root_dir": str(work / "runs"), "run_id": "bench",
+                        "batch_size": 2, "max_steps": 1, "save_steps": 1, "lora_rank": 32,
+                        "progress_bar": False})
+    start = time.perf_counter()
+    finetune(cfg, log=lambda _m: None)
+    return {"finetune_1_step_s": time.perf_counter() - start, "run_dir": str(work / "runs" / "bench")}
 
 
 def cmd_merge(args: argparse.Namespace) -> dict:
-    from peft import get_peft_model
+    """`steadyvla merge` of the run that `finetune` wrote, into a new OpenVLA dir (CPU)."""
+    from steadyvla.model.merge import merge_checkpoint
 
-    from steadyvla.config import build_config
-    from steadyvla.model.build import lora_config
-    from steadyvla.model.openvla_load import load_weights, read_openvla_dir
-    from steadyvla.model.openvla_save import write_openvla_dir
-
+    work = Path(args.dir).parent
     start = time.perf_counter()
-    src = read_openvla_dir(args.dir)
-    base = load_weights(src, "cpu")
-    model = get_peft_model(base, lora_config(build_config({"lora_rank": 32})))
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "lora_B" in name:
-                p.normal_(std=1e-3)
-    merged = model.merge_and_unload()
-    with tempfile.TemporaryDirectory(dir=Path(args.dir).parent) as tmp:
-        write_openvla_dir(Path(tmp) / "merged", src.spec, merged.state_dict(), None, src.norm_stats, dtype=None,
-                          copy_from=[p for p in src.path.iterdir() if p.is_file() and "safetensors" not in p.name
-                                     and p.name != "config.json"], config=src.config)
+    merge_checkpoint(work / "runs" / "bench", work / "merged", log=lambda _m: None)
     return {"merge_s": time.perf_counter() - start, "peak_rss_gib": _rss_gib()}
 
 
-MEASURES = {"steadyvla": cmd_steadyvla, "naive": cmd_naive, "predict": cmd_predict, "merge": cmd_merge}
+MEASURES = {"steadyvla": cmd_steadyvla, "naive": cmd_naive, "predict": cmd_predict, "finetune": cmd_finetune,
+            "merge": cmd_merge}
+
+
+def _child(name: str, args: argparse.Namespace) -> dict:
+    out = subprocess.run([sys.executable, __file__, name, "--dir", args.dir, "--repeats", str(args.repeats)],
+                         capture_output=True, text=True)
+    if out.returncode != 0:
+        raise SystemExit(f"{name} failed:\n{out.stdout[-3000:]}\n{out.stderr[-3000:]}")
+    result = {"measure": name, **json.loads(out.stdout.strip().splitlines()[-1])}
+    print(json.dumps(result), flush=True)
+    return result
 
 
 def cmd_all(args: argparse.Namespace) -> dict:
-    results = {}
-    for name in MEASURES:
-        out = subprocess.run([sys.executable, __file__, name, "--dir", args.dir, "--repeats", str(args.repeats)],
-                             capture_output=True, text=True, check=True)
-        results[name] = json.loads(out.stdout.strip().splitlines()[-1])
-    return results
+    """The two load arms alternate --rounds times (each in a fresh process), then predict,
+    finetune and merge once; every result is printed as it comes."""
+    rows = []
+    for _ in range(args.rounds):
+        rows += [_child("naive", args), _child("steadyvla", args)]
+    summary = {}
+    for arm in ("naive", "steadyvla"):
+        mine = [r for r in rows if r["measure"] == arm]
+        summary[arm] = {"load_median_s": statistics.median(r["load_s"] for r in mine),
+                        "peak_rss_gib_max": max(r["peak_rss_gib"] for r in mine)}
+    print(json.dumps({"summary": summary}), flush=True)
+    for name in ("predict", "finetune", "merge"):
+        summary[name] = _child(name, args)
+    return summary
 
 
 def main() -> None:
@@ -139,7 +177,8 @@ def main() -> None:
     parser.add_argument("--dir", default=None, help="OpenVLA dir to measure")
     parser.add_argument("--out", default=None, help="`write`: directory to create")
     parser.add_argument("--tokenizer", default=None, help="`write`: Llama-2 tokenizer dir")
-    parser.add_argument("--repeats", type=int, default=10)
+    parser.add_argument("--repeats", type=int, default=10, help="predict_action calls timed per batch size")
+    parser.add_argument("--rounds", type=int, default=3, help="`all`: alternating rounds of the two load arms")
     args = parser.parse_args()
     verbs = {"write": cmd_write, "all": cmd_all, **MEASURES}
     print(json.dumps(verbs[args.verb](args)))
