@@ -25,6 +25,7 @@ from __future__ import annotations
 import argparse
 import json
 import resource
+import shutil
 import statistics
 import subprocess
 import sys
@@ -69,6 +70,20 @@ def cmd_steadyvla(args: argparse.Namespace) -> dict:
     load_vla(args.dir, device="cuda")
     torch.cuda.synchronize()
     return {"load_s": time.perf_counter() - start, "peak_rss_gib": _rss_gib(), "gpu_peak_gib": _gpu_peak_gib()}
+
+
+def cmd_steadyvla_parts(args: argparse.Namespace) -> dict:
+    """What `load_vla` spends its time on: the weights (meta build, header check, shard streaming)
+    and the tokenizer (transformers builds the fast tokenizer from the files)."""
+    from steadyvla.model.bundle import tokenizer_from_dir
+    from steadyvla.model.openvla_load import load_weights, read_openvla_dir
+
+    start = time.perf_counter()
+    load_weights(read_openvla_dir(args.dir), "cuda")
+    torch.cuda.synchronize()
+    weights = time.perf_counter() - start
+    tokenizer_from_dir(args.dir)
+    return {"weights_s": weights, "tokenizer_s": time.perf_counter() - start - weights}
 
 
 def cmd_naive(args: argparse.Namespace) -> dict:
@@ -120,7 +135,10 @@ def cmd_finetune(args: argparse.Namespace) -> dict:
     from steadyvla.train.finetune import finetune
 
     work = Path(args.dir).parent
-    write_synthetic_dataset(work / "data" / "synth")
+    for stale in (work / "runs" / "bench", work / "merged"):  # a re-run measures a fresh run and merge
+        shutil.rmtree(stale, ignore_errors=True)
+    if not (work / "data" / "synth").exists():
+        write_synthetic_dataset(work / "data" / "synth")
     cfg = build_config({"vla_path": args.dir, "dtype": "bfloat16", "data_root_dir": str(work / "data"),
                         "dataset_name": "synth", "run_root_dir": str(work / "runs"), "run_id": "bench",
                         "batch_size": 2, "max_steps": 1, "save_steps": 1, "lora_rank": 32,
@@ -140,7 +158,7 @@ def cmd_merge(args: argparse.Namespace) -> dict:
     return {"merge_s": time.perf_counter() - start, "peak_rss_gib": _rss_gib()}
 
 
-MEASURES = {"steadyvla": cmd_steadyvla, "naive": cmd_naive, "predict": cmd_predict, "finetune": cmd_finetune,
+MEASURES = {"steadyvla": cmd_steadyvla, "steadyvla_parts": cmd_steadyvla_parts, "naive": cmd_naive, "predict": cmd_predict, "finetune": cmd_finetune,
             "merge": cmd_merge}
 
 
@@ -159,7 +177,7 @@ def cmd_all(args: argparse.Namespace) -> dict:
     finetune and merge once; every result is printed as it comes."""
     rows = []
     for _ in range(args.rounds):
-        rows += [_child("naive", args), _child("steadyvla", args)]
+        rows += [_child("naive", args), _child("steadyvla", args), _child("steadyvla_parts", args)]
     summary = {}
     for arm in ("naive", "steadyvla"):
         mine = [r for r in rows if r["measure"] == arm]
