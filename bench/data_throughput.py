@@ -290,7 +290,7 @@ def build_loader(data_root: str, name: str, workers: int, batch_size: int, seed:
     tokenizer = load_tokenizer(cfg)
     # openvla-7b's transform: 224 px, two towers -> the real decode + augment + normalise cost.
     transform = ImageTransform(get_preset("openvla-7b"), cfg.image_aug, cfg.seed)
-    dataset = VLADataset(source, PromptBuilder(tokenizer, cfg.prompt_template), action_tokenizer_for(tokenizer),
+    dataset = VLADataset(source, PromptBuilder(tokenizer), action_tokenizer_for(tokenizer),
                          stats, transform)
     sampler = ResumableBatchSampler(len(dataset), cfg.batch_size, seed=cfg.seed)
     loader = DataLoader(dataset, batch_sampler=sampler, num_workers=cfg.num_workers,

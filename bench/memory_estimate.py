@@ -18,9 +18,8 @@ import json
 import torch
 
 from steadyvla.config import build_config
-from steadyvla.memory_estimate import GIB, PROMPT_TOKENS, estimate_memory, model_shape, vocab_size_for
+from steadyvla.memory_estimate import GIB, PROMPT_TOKENS, estimate_memory, model_shape, model_spec_for
 from steadyvla.model.build import wrap_lora
-from steadyvla.model.presets import get_preset
 from steadyvla.model.vla import VLA
 from steadyvla.train.finetune import enable_activation_checkpointing
 from steadyvla.train.optim import build_optimizer
@@ -53,10 +52,9 @@ def main() -> None:
                 run_root_dir="unused", progress_bar=False)
     cfg = build_config(base)
     shape = model_shape(cfg)
-    preset = get_preset(args.preset)
     torch.manual_seed(0)
     with torch.device(device):
-        vla = VLA(preset, vocab_size=vocab_size_for(cfg), pad_token_id=0)
+        vla = VLA(model_spec_for(cfg))
     model = wrap_lora(vla.to(getattr(torch, dtype)), cfg)
     optimizer = build_optimizer(model, cfg)
     llm = model.get_base_model().language_model
@@ -78,10 +76,10 @@ def main() -> None:
                         if method:
                             with torch.no_grad():
                                 model.eval()
-                                model(**_inputs(args.probe_batch_size, shape.vocab, preset.image_size, device,
+                                model(**_inputs(args.probe_batch_size, shape.vocab, shape.image_size, device,
                                                 labels=False), output_hidden_states=True)
                                 model.train()
-                        model(**_inputs(batch, shape.vocab, preset.image_size, device)).loss.backward()
+                        model(**_inputs(batch, shape.vocab, shape.image_size, device)).loss.backward()
                         optimizer.step()
                         optimizer.zero_grad(set_to_none=True)
                     peaks = ((torch.cuda.max_memory_allocated(device), torch.cuda.max_memory_reserved(device))

@@ -28,6 +28,7 @@ def test_doctor_reports_resume_target_alignment_and_config(make_config, tmp_path
     assert "checkpoint verified" in out and "step 4" in out
     assert "is a multiple of save_steps=2" in out
     assert "`max_steps`: 4 -> 10" in out
+    assert "dataset matches the checkpoint's fingerprint" in out
     assert "log at step 4: lr" in out and "a start now would continue at step 5 of 10" in out
     assert main(["doctor", "--config", config, "--seed", "99"]) == 1  # same run dir, different run
     assert "`seed`: checkpoint 3, now 99" in capsys.readouterr().out

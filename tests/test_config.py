@@ -5,6 +5,7 @@ from steadyvla.config import ConfigError, build_config, load_config, parse_overr
 
 
 def test_overrides_are_read_as_yaml_scalars():
+    assert parse_overrides(["--hsw-layer-ids=-2,-1"]) == {"hsw_layer_ids": "-2,-1"}
     values = parse_overrides(["--max_steps", "20", "--image_aug", "true", "--resume_global_step", "null",
                               "--learning_rate", "3e-4", "--run_id_note=exp1"])
     cfg = build_config(values)
@@ -24,6 +25,8 @@ def test_unknown_key_names_the_closest_known_key():
     ("image_aug", "yes please", r"`image_aug`: 'yes please' is not a boolean"),
     ("lora_dropout", 1.5, r"`lora_dropout`: 1.5 must be in \[0, 1\)"),
     ("max_steps", None, r"`max_steps`: null is not allowed"),
+    ("hsw_layer_ids", "last,two", r"`hsw_layer_ids`: 'last,two' is not a list of integers"),
+    ("icsm_split", "middle", r"`icsm_split`: 'middle' is not one of ranked, extremes"),
 ])
 def test_bad_values_name_the_field(key, value, message):
     with pytest.raises(ConfigError, match=message):
@@ -36,8 +39,8 @@ def test_resume_global_step_null_is_accepted():
 
 
 def test_old_environment_keys_are_accepted_as_no_ops():
-    cfg = build_config({"server_profile": "a100", "rlds_read_threads": 8, "use_wandb": False})
-    assert cfg.ignored_keys == {"server_profile": "a100", "rlds_read_threads": 8, "use_wandb": False}
+    cfg = build_config({"server_profile": "a100", "rlds_traj_read_threads": 8, "cache_dir": "/x"})
+    assert cfg.ignored_keys == {"server_profile": "a100", "rlds_traj_read_threads": 8, "cache_dir": "/x"}
 
 
 def test_shipped_configs_load():
@@ -65,3 +68,14 @@ def test_accepted_but_inactive_settings_are_announced():
     assert any("merge_lora_during_training: true is ignored" in n for n in notes)
     assert any("periodic evaluation is not available yet" in n for n in notes)
     assert unavailable_settings(build_config({})) == []
+
+
+def test_yaml_that_does_not_parse_is_one_error_line(tmp_path, capsys):
+    cfg = tmp_path / "broken.yaml"
+    cfg.write_text("batch_size: 4\nlora_rank: [8\nseed: 1\n")
+    with pytest.raises(ConfigError, match=r"broken.yaml: not valid YAML at line \d+, column \d+"):
+        load_config(cfg)
+    assert main(["finetune", "--config", str(cfg), "--run_root_dir", str(tmp_path / "runs")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: --config") and err.count("\n") == 1
+    assert not (tmp_path / "runs").exists()

@@ -1,13 +1,15 @@
 """The method on the shared loop: instruction mask, ICSM artifacts, HSW identity, Thermostat, resume."""
 
+import shutil
 import signal
 from pathlib import Path
 
 import torch
 from safetensors.torch import load_file
 
-from helpers import assert_bitwise_equal, checkpoint_tensors, config_args, metrics_lines, run_cli
+from helpers import assert_bitwise_equal, checkpoint_tensors, config_args, metrics_lines, run_cli, tree_digest
 from steadyvla.checkpoint.layout import CHECKPOINTS_DIR
+from steadyvla.cli import main
 from steadyvla.config import build_config
 from steadyvla.data.registry import open_frame_source
 from steadyvla.data.transforms import ImageTransform
@@ -21,6 +23,7 @@ from steadyvla.model.prompt import PromptBuilder
 from steadyvla.train.finetune import finetune
 from steadyvla.train.run_dir import run_dir_for
 
+CONFIG = str(Path(__file__).resolve().parents[1] / "configs" / "demo.yaml")
 METHOD = dict(method_enabled=True, probe_size=16, probe_batch_size=4, icsm_rank=8, icsm_sensitivity_samples=8,
               thermostat_warmup_steps=2, thermostat_update_interval=2)
 
@@ -109,3 +112,30 @@ def test_killed_method_run_resumes_bit_exact_including_beta_gamma(synthetic_root
                          checkpoint_tensors(ref_dir / CHECKPOINTS_DIR / "step-000008"))
     betas = [r["hsw_beta"] for r in metrics_lines(run_dir)]
     assert len(set(betas)) > 1
+
+
+def test_resume_checks_the_icsm_artifacts_by_content_not_path(synthetic_root, tmp_path, capsys):
+    values = dict(data_root_dir=str(synthetic_root), dataset_name="synth", run_root_dir=str(tmp_path / "runs"),
+                  run_id="m", batch_size=2, max_steps=2, save_steps=2, lora_rank=4, progress_bar=False, seed=5,
+                  icms_artifact_dir=str(tmp_path / "icsm"), **METHOD)
+
+    def start(v: dict) -> int:
+        return main(["finetune", "--config", CONFIG, *config_args(v)])
+
+    assert start(values) == 0
+    # an identical copy elsewhere (new mtimes) resumes
+    shutil.copytree(tmp_path / "icsm", tmp_path / "staged", copy_function=shutil.copy)
+    staged = {**values, "icms_artifact_dir": str(tmp_path / "staged"), "max_steps": 4}
+    assert start(staged) == 0
+    # rebuilt in place with another epsilon: same config, different subspaces -> refused
+    build_icsm(build_config({**staged, "icsm_epsilon": 0.1}), open_frame_source(synthetic_root, "synth"),
+               log=lambda m: None)
+    run_dir = run_dir_for(build_config(values))
+    before = tree_digest(run_dir)
+    capsys.readouterr()
+    assert start({**staged, "max_steps": 6}) == 2
+    err = capsys.readouterr().err
+    for text in ("ICSM artifacts in", "staged", "`icms_artifact_dir`", "content sha256 checkpoint",
+                 "icsm_epsilon: checkpoint 0.5, now 0.1", "rebuild them with the checkpoint's settings"):
+        assert text in err, (text, err)
+    assert tree_digest(run_dir) == before

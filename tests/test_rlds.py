@@ -313,3 +313,20 @@ def test_registry_detects_lerobot(tmp_path: Path) -> None:
     src = open_frame_source(tmp_path, "toy_lerobot")
     assert len(src) == 8 and src.num_episodes == 2
     assert "pick up the cube" in describe_dataset(src)
+
+
+def test_fingerprint_ignores_the_path_and_sees_changed_contents(toy: tuple[Path, list[dict]], tmp_path: Path) -> None:
+    import shutil
+
+    from steadyvla.data.fingerprint import dataset_fingerprint, fingerprint_differences
+
+    path, _ = toy
+    original = dataset_fingerprint(RLDSFrames(path))
+    assert set(original["files"]) == {"dataset_info.json", "features.json", f"{NAME}-train.tfrecord-00000-of-00002",
+                                      f"{NAME}-train.tfrecord-00001-of-00002"}
+    shutil.copytree(path, tmp_path / "staged" / NAME, copy_function=shutil.copy)  # new path, new mtimes
+    assert dataset_fingerprint(RLDSFrames(tmp_path / "staged" / NAME)) == original
+    rng = np.random.default_rng(1)
+    smaller = write_rlds(tmp_path / "other", [[_datum(_episode(rng, 5, "task 0"))]])
+    differences = fingerprint_differences(original, dataset_fingerprint(RLDSFrames(smaller)))
+    assert differences[0] == f"frames: checkpoint {original['frames']}, now 5"

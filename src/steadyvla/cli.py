@@ -1,4 +1,4 @@
-"""`steadyvla <verb>`: finetune, data (demo|inspect|stats), ckpt (ls|verify), doctor, memory.
+"""`steadyvla <verb>`: finetune, predict, merge, data (demo|inspect|stats), ckpt (ls|verify|import-legacy), doctor, memory.
 
 Every user error ends with one `error:` line naming the field, the value and what would be valid,
 and exit status 2; nothing on disk is touched before the config and resume target are checked. Any
@@ -16,6 +16,7 @@ from pathlib import Path
 from steadyvla.checkpoint.manager import CheckpointError
 from steadyvla.checkpoint.run_lock import RunDirBusy
 from steadyvla.config import ConfigError, load_config, parse_overrides
+from steadyvla.config_compat import translate_icsm_options
 
 EXIT_FAILURE = 1
 EXIT_USAGE = 2
@@ -38,7 +39,8 @@ def cmd_icsm(args: argparse.Namespace, extra: list[str]) -> int:
     from steadyvla.method.build_icsm import build_icsm
     from steadyvla.train.finetune import open_training_data, say
 
-    cfg = _config_from(args, extra)
+    # the users' offline_icms.py option names (--r, --epsilon, --batch_size, ...) work here too
+    cfg = load_config(args.config, translate_icsm_options(parse_overrides(extra)))
     build_icsm(cfg, open_training_data(cfg, say), say)
     return 0
 
@@ -86,8 +88,33 @@ def cmd_data(args: argparse.Namespace, extra: list[str]) -> int:
 def cmd_ckpt(args: argparse.Namespace, extra: list[str]) -> int:
     from steadyvla.checkpoint.report import ckpt_ls, ckpt_verify
 
+    if args.ckpt_verb == "import-legacy":
+        from steadyvla.train.import_legacy import import_legacy
+
+        import_legacy(_config_from(args, extra), Path(args.adapter), Path(args.trainer_state))
+        return 0
+
     run_dir = Path(args.run_dir)
     return ckpt_ls(run_dir) if args.ckpt_verb == "ls" else ckpt_verify(run_dir)
+
+
+def cmd_predict(args: argparse.Namespace, extra: list[str]) -> int:
+    import json
+
+    from steadyvla.model.bundle import load_vla
+    from steadyvla.predict import load_image, predict_action
+
+    image = load_image(args.image)  # before the model: a bad image fails fast
+    bundle = load_vla(args.vla_path, device=args.device)
+    print(json.dumps([float(v) for v in predict_action(bundle, image, args.instruction, args.unnorm_key)]))
+    return 0
+
+
+def cmd_merge(args: argparse.Namespace, extra: list[str]) -> int:
+    from steadyvla.model.merge import merge_checkpoint
+
+    merge_checkpoint(Path(args.checkpoint), Path(args.out))
+    return 0
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -100,10 +127,21 @@ def build_parser() -> argparse.ArgumentParser:
         p = verbs.add_parser(name, help=helptext, description=f"{helptext}. Any config key can be overridden with "
                              "`--key value` (values read as YAML: true, false, null, numbers).")
         p.add_argument("--config", required=True, help="YAML config with flat keys (see configs/)")
+    predict = verbs.add_parser("predict", help="predict one action with an OpenVLA-layout model (prints a JSON list)")
+    predict.add_argument("--vla_path", required=True, help="OpenVLA Hugging Face directory (base or merged)")
+    predict.add_argument("--image", required=True, help="RGB image file (PNG/JPEG)")
+    predict.add_argument("--instruction", required=True, help="task instruction, e.g. 'pick up the cup'")
+    predict.add_argument("--unnorm_key", default=None, help="dataset in norm_stats (optional if there is one)")
+    predict.add_argument("--device", default="cpu", help="torch device (default cpu)")
+    merge = verbs.add_parser("merge", help="merge a LoRA checkpoint into its base; write an OpenVLA-layout directory")
+    merge.add_argument("--checkpoint", required=True, help="checkpoint dir, or a run dir (its newest complete one)")
+    merge.add_argument("--out", required=True, help="new directory for the merged model (must not exist)")
     icsm = verbs.add_parser("icsm", help="the method's offline step: ICSM subspaces from the frozen teacher")
     icsm_verbs = icsm.add_subparsers(dest="icsm_verb", required=True)
     icsm_build = icsm_verbs.add_parser("build", help="write U_f, U_p, mu, C_T per layer to icms_artifact_dir; "
-                                       "config keys can be overridden with `--key value`")
+                                       "config keys can be overridden with `--key value`, also with the names "
+                                       "of offline_icms.py: --r --epsilon (absolute) --fragile_dim --plastic_dim "
+                                       "--max_samples --sensitivity_samples --layer_ids --batch_size (teacher batch)")
     icsm_build.add_argument("--config", required=True, help="YAML config with flat keys (see configs/)")
     data = verbs.add_parser("data", help="datasets: generate the demo, inspect, write statistics")
     data_verbs = data.add_subparsers(dest="data_verb", required=True)
@@ -123,10 +161,15 @@ def build_parser() -> argparse.ArgumentParser:
     for name in ("ls", "verify"):
         p = ckpt_verbs.add_parser(name, help=f"{name} the checkpoints of RUN_DIR")
         p.add_argument("run_dir", help="<run_root_dir>/<run_id>")
+    legacy = ckpt_verbs.add_parser("import-legacy", help="turn an old PEFT adapter dir + trainer_state.pt into a "
+                                   "checkpoint of the config's run (config keys can be overridden with `--key value`)")
+    legacy.add_argument("--adapter", required=True, help="old adapter dir (adapter_config.json + weights)")
+    legacy.add_argument("--trainer-state", required=True, help="old trainer_state.pt (read with weights_only=True)")
+    legacy.add_argument("--config", required=True, help="YAML config of the run to continue")
     return parser
 
 
-COMMANDS = {"finetune": cmd_finetune, "doctor": cmd_doctor, "icsm": cmd_icsm, "data": cmd_data, "ckpt": cmd_ckpt,
+COMMANDS = {"finetune": cmd_finetune, "predict": cmd_predict, "merge": cmd_merge, "doctor": cmd_doctor, "icsm": cmd_icsm, "data": cmd_data, "ckpt": cmd_ckpt,
             "memory": cmd_memory}
 
 
@@ -137,7 +180,7 @@ def main(argv: list[str] | None = None) -> int:
     argv = [a for a in argv if a != DEBUG_FLAG]
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
-    if extra and args.verb not in VERBS_WITH_OVERRIDES:
+    if extra and args.verb not in VERBS_WITH_OVERRIDES and getattr(args, "ckpt_verb", None) != "import-legacy":
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
     try:
         return COMMANDS[args.verb](args, extra)

@@ -16,28 +16,25 @@ from typing import Any, get_args, get_origin, get_type_hints
 
 import yaml
 
+from steadyvla.config_compat import NO_OP_KEYS, check_compat
+
 
 class ConfigError(ValueError):
     """A config key or value is invalid; the message names the field, the value and what is valid."""
 
 
-# Keys the users' old environment needed and steadyvla does not: accepted, ignored, documented.
-NO_OP_KEYS: dict[str, str] = {
-    "server_profile": "machine profile of the old cluster scripts; steadyvla detects the machine",
-    "rlds_read_threads": "TensorFlow RLDS reader threads; steadyvla's readers use DataLoader workers",
-    "rlds_transform_threads": "TensorFlow RLDS transform threads; see `num_workers`",
-    "cache_dir": "HF hub cache; steadyvla loads weights from local directories only",
-    "use_wandb": "W&B logging is not built in; metrics go to metrics.jsonl and TensorBoard",
-    "wandb_project": "see use_wandb",
-    "wandb_entity": "see use_wandb",
-    "adapter_tmp_dir": "adapters are saved inside the run dir's checkpoints/; merged copies go to `merge`",
-}
+DEMO_DATASET_NAME = "metaworld_demo"
 
-# Fields whose change would make a resumed run a different run (DESIGN.md §5, issue 3).
+# Fields whose change would make a resumed run a different run (DESIGN.md §5, issue 3 and 8):
+# compared on resume by resolved value, and only where the run uses them (`critical_values`).
+# `data_root_dir` and `icms_artifact_dir` are absent on purpose: the checkpoint records a
+# fingerprint of the dataset and a content hash of the ICSM artifacts, so an identical copy
+# elsewhere (node-local staging) resumes and a changed one is refused.
 RESUME_CRITICAL_FIELDS: tuple[str, ...] = (
     "model_preset",
     "vla_path",
     "tokenizer_path",
+    "dtype",
     "use_lora",
     "lora_rank",
     "lora_alpha",
@@ -45,8 +42,8 @@ RESUME_CRITICAL_FIELDS: tuple[str, ...] = (
     "lora_target_modules",
     "batch_size",
     "grad_accumulation_steps",
-    "data_root_dir",
     "dataset_name",
+    "image_key",
     "image_aug",
     "seed",
     "learning_rate",
@@ -54,17 +51,31 @@ RESUME_CRITICAL_FIELDS: tuple[str, ...] = (
     "lr_warmup_steps",
     "min_learning_rate",
     "weight_decay",
+    "max_grad_norm",
     "method_enabled",
-    "icms_artifact_dir",
+)
+# Only compared when the dataset is the generated demo: other settings regenerate it in place.
+DEMO_CRITICAL_FIELDS: tuple[str, ...] = ("demo_episodes_per_task", "demo_image_size")
+# Only compared when `method_enabled` is true: a baseline run never reads them.
+METHOD_CRITICAL_FIELDS: tuple[str, ...] = (
+    "prompt_template",  # the probe prompt of ICSM and the Thermostat; training's prompt is fixed
     "hsw_layer_ids",
     "hsw_beta",
     "hsw_gamma",
     "hsw_eps",
-    "prompt_template",
     "probe_dataset_name",
     "probe_jsonl",
     "probe_size",
     "probe_batch_size",
+    "icsm_rank",
+    "icsm_epsilon",
+    "icsm_epsilon_absolute",
+    "icsm_split",
+    "icsm_fragile_dim",
+    "icsm_plastic_dim",
+    "icsm_fragile_fraction",
+    "icsm_plastic_fraction",
+    "icsm_sensitivity_samples",
     "thermostat_update_interval",
     "thermostat_warmup_steps",
     "thermostat_min_beta",
@@ -76,10 +87,34 @@ RESUME_CRITICAL_FIELDS: tuple[str, ...] = (
     "thermostat_base_scale",
 )
 
+
+def resolved_lora_alpha(lora_alpha: int | None, lora_rank: int) -> int:
+    """`lora_alpha`, with null resolved as OpenVLA's finetune.py does: min(lora_rank, 16)."""
+    return lora_alpha if lora_alpha is not None else min(lora_rank, 16)
+
+
+def critical_values(values: dict[str, Any]) -> dict[str, Any]:
+    """The resume-critical settings a run with these config values uses, resolved (`lora_alpha`
+    null -> its value; `min_learning_rate` only under cosine; method keys only with the method
+    on). Works on stored config dicts too; keys they lack are left out."""
+    keys = list(RESUME_CRITICAL_FIELDS)
+    if values.get("lr_scheduler") != "cosine":
+        keys.remove("min_learning_rate")
+    if values.get("dataset_name") == DEMO_DATASET_NAME:
+        keys += DEMO_CRITICAL_FIELDS
+    if values.get("method_enabled"):
+        keys += METHOD_CRITICAL_FIELDS
+    out = {k: values[k] for k in keys if k in values}
+    if "lora_alpha" in out and "lora_rank" in out:
+        out["lora_alpha"] = resolved_lora_alpha(out["lora_alpha"], out["lora_rank"])
+    return out
+
+
 CHOICES: dict[str, tuple[str, ...]] = {
     "lr_scheduler": ("none", "cosine"),
     "model_preset": ("tiny", "openvla-7b"),
     "dtype": ("float32", "bfloat16"),
+    "icsm_split": ("ranked", "extremes"),
 }
 
 
@@ -153,13 +188,21 @@ class RunConfig:
     hsw_beta: float = 1.0
     hsw_gamma: float = 1.0
     hsw_eps: float = 1e-6
-    prompt_template: str | None = None
+    prompt_template: str | None = None  # probe prompt of ICSM + Thermostat (never training's); None = PROBE_PROMPT_TEMPLATE
     probe_dataset_name: str | None = None  # None = the training dataset
     probe_jsonl: str | None = None  # alternative: lines of {"image": path, "instruction": text}
+    probe_root_dir: str | None = None  # root holding probe_dataset_name; None = data_root_dir
+    probe_image_root: str | None = None  # base of relative probe_jsonl image paths; None = the file's dir
+    artifact_dir: str | None = None  # where ICSM artifacts go when icms_artifact_dir is unset
     probe_size: int = 500
     probe_batch_size: int = 4
     icsm_rank: int = 128  # r: candidate directions from the SVD
     icsm_epsilon: float = 0.5  # injection size, relative to the RMS of the pooled states
+    icsm_epsilon_absolute: float | None = None  # absolute injection size instead (the users' `epsilon`)
+    icsm_split: str = "ranked"  # ranked: U_f top, U_p next | extremes: U_f top, U_p least sensitive (users')
+    icsm_fragile_dim: int | None = None  # |U_f| instead of the fraction (ranked) or r/2 (extremes)
+    icsm_plastic_dim: int | None = None  # |U_p| instead of the fraction (ranked) or r/4 (extremes)
+    icsm_batch_size: int = 16  # teacher forward batch of the offline build
     icsm_fragile_fraction: float = 0.25  # share of the r directions that become U_f
     icsm_plastic_fraction: float = 0.25  # share that becomes U_p (the rest is null)
     icsm_sensitivity_samples: int = 32
@@ -177,12 +220,18 @@ class RunConfig:
     eval_every_steps: int = 100
     early_stopping_patience: int | None = None
     early_stopping_min_delta: float = 0.0
+    early_stopping_enabled: bool = False  # accepted; needs periodic evaluation (not available yet)
+    # --- the users' other settings (config_compat.py)
+    use_quantization: bool = False  # true is refused until quantized loading exists
+    use_wandb: bool = False  # also log metrics to Weights & Biases (pip extra `wandb`)
+    wandb_project: str = "openvla"
+    wandb_entity: str | None = None  # None = the W&B account's default entity
     # accepted no-op keys land here so config.yaml records what the user wrote
     ignored_keys: dict[str, Any] = field(default_factory=dict)
 
     def digest(self) -> str:
         """sha256 of the resume-critical fields: equal digests mean a resume is safe."""
-        critical = {k: getattr(self, k) for k in RESUME_CRITICAL_FIELDS}
+        critical = critical_values(self.to_dict())
         return hashlib.sha256(json.dumps(critical, sort_keys=True).encode()).hexdigest()
 
     def to_dict(self) -> dict[str, Any]:
@@ -191,7 +240,7 @@ class RunConfig:
 
     @property
     def effective_lora_alpha(self) -> int:
-        return self.lora_alpha if self.lora_alpha is not None else min(self.lora_rank, 16)
+        return resolved_lora_alpha(self.lora_alpha, self.lora_rank)
 
 
 def known_keys() -> list[str]:
@@ -214,7 +263,10 @@ def _coerce(name: str, value: Any, annotation: Any) -> Any:
     target = args[0] if args and get_origin(annotation) is not list else annotation
     if get_origin(target) is list:
         if isinstance(value, (int, str)) and not isinstance(value, bool):
-            value = [int(v) for v in str(value).split(",")] if isinstance(value, str) else [value]
+            try:
+                value = [int(v) for v in str(value).split(",")] if isinstance(value, str) else [value]
+            except ValueError:
+                pass  # reported below
         if not isinstance(value, list) or not all(isinstance(v, int) and not isinstance(v, bool) for v in value):
             raise ConfigError(f"config field `{name}`: {value!r} is not a list of integers (e.g. [28, 31] or 28,31)")
         return value
@@ -255,7 +307,7 @@ def _validate(cfg: RunConfig) -> None:
             raise ConfigError(f"config field `{key}`: {value!r} is not one of {', '.join(allowed)}")
     positive = ("batch_size", "grad_accumulation_steps", "max_steps", "save_steps", "lora_rank",
                 "log_every_steps", "probe_batch_size", "thermostat_update_interval", "probe_size", "icsm_rank",
-                "icsm_sensitivity_samples")
+                "icsm_sensitivity_samples", "icsm_batch_size")
     for key in positive:
         if getattr(cfg, key) < 1:
             raise ConfigError(f"config field `{key}`: {getattr(cfg, key)} must be >= 1")
@@ -270,6 +322,13 @@ def _validate(cfg: RunConfig) -> None:
     if cfg.icsm_fragile_fraction + cfg.icsm_plastic_fraction > 1.0:
         raise ConfigError(f"config fields `icsm_fragile_fraction` + `icsm_plastic_fraction`: "
                           f"{cfg.icsm_fragile_fraction} + {cfg.icsm_plastic_fraction} must be <= 1")
+    for key in ("icsm_fragile_dim", "icsm_plastic_dim"):
+        if getattr(cfg, key) is not None and getattr(cfg, key) < 0:
+            raise ConfigError(f"config field `{key}`: {getattr(cfg, key)} must be >= 0 or null")
+    if cfg.icsm_epsilon_absolute is not None and cfg.icsm_epsilon_absolute <= 0:
+        raise ConfigError(f"config field `icsm_epsilon_absolute`: {cfg.icsm_epsilon_absolute} must be > 0 or null")
+    if cfg.prompt_template is not None and "{instruction}" not in cfg.prompt_template:
+        raise ConfigError(f"config field `prompt_template`: {cfg.prompt_template!r} must contain {{instruction}}")
     if cfg.learning_rate <= 0:
         raise ConfigError(f"config field `learning_rate`: {cfg.learning_rate} must be > 0")
     if not 0 <= cfg.min_learning_rate <= cfg.learning_rate:
@@ -298,6 +357,7 @@ def build_config(values: dict[str, Any]) -> RunConfig:
         kwargs[key] = _coerce(key, value, hints[key])
     cfg = RunConfig(**kwargs, ignored_keys=ignored)
     _validate(cfg)
+    check_compat(cfg)
     return cfg
 
 
@@ -309,11 +369,13 @@ def parse_overrides(argv: list[str]) -> dict[str, Any]:
         token = argv[i]
         if not token.startswith("--"):
             raise ConfigError(f"unexpected argument {token!r}; overrides are written `--key value`")
-        key = token[2:].replace("-", "_")
-        if "=" in key:
+        key = token[2:]
+        if "=" in key:  # split before renaming: the value may hold dashes (`--layer_ids=-2,-1`)
             key, raw = key.split("=", 1)
+            key = key.replace("-", "_")
             i += 1
         else:
+            key = key.replace("-", "_")
             if i + 1 >= len(argv):
                 raise ConfigError(f"override `--{key}` has no value; write `--{key} VALUE`")
             raw = argv[i + 1]
@@ -329,7 +391,14 @@ def load_config(path: str | Path | None, overrides: dict[str, Any] | None = None
         path = Path(path)
         if not path.is_file():
             raise ConfigError(f"--config {path}: file not found")
-        loaded = yaml.safe_load(path.read_text()) or {}
+        try:
+            loaded = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as err:
+            where = getattr(err, "problem_mark", None)
+            at = f" at line {where.line + 1}, column {where.column + 1}" if where is not None else ""
+            problem = getattr(err, "problem", None) or str(err).splitlines()[0]
+            raise ConfigError(f"--config {path}: not valid YAML{at}: {problem}; fix the file "
+                              "(keys are written `key: value`, one per line)") from None
         if not isinstance(loaded, dict):
             raise ConfigError(f"--config {path}: expected a mapping of `key: value`, got {type(loaded).__name__}")
         values.update(loaded)

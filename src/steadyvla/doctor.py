@@ -9,14 +9,17 @@ from __future__ import annotations
 
 import shutil
 from pathlib import Path
+from typing import Callable
 
 from steadyvla.checkpoint.layout import METRICS_JSONL
 from steadyvla.checkpoint.run_lock import describe_holder, is_locked_elsewhere, read_holder
 from steadyvla.config import ConfigError, RunConfig
+from steadyvla.data.fingerprint import dataset_fingerprint
 from steadyvla.memory_report import preflight_for
 from steadyvla.train.finetune import DEMO_DATASET_NAME
 from steadyvla.train.metrics import read_metrics
-from steadyvla.train.resume import config_changes, plan_resume
+from steadyvla.train.resume import ResumePlan, config_changes, plan_resume
+from steadyvla.train.run_inputs import DATASET_KEY, INPUTS_KEY, check_run_inputs
 from steadyvla.train.run_dir import run_dir_for
 
 OK, WARN, FAIL = "ok  ", "warn", "FAIL"
@@ -24,6 +27,24 @@ OK, WARN, FAIL = "ok  ", "warn", "FAIL"
 
 def _dir_size(path: Path) -> int:
     return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
+
+
+def _check_dataset(cfg: RunConfig, plan: ResumePlan, report: Callable[[str, str], None]) -> None:
+    """Compare the dataset with the checkpoint's fingerprint (reads only)."""
+    from steadyvla.data.registry import open_frame_source
+
+    if INPUTS_KEY not in plan.state:
+        report(WARN, f"dataset: checkpoint {plan.checkpoint.name} predates dataset fingerprints; it cannot be verified")
+        return
+    try:
+        source = open_frame_source(Path(cfg.data_root_dir), cfg.dataset_name, image_key=cfg.image_key)
+        check_run_inputs(cfg, plan.checkpoint, plan.state, {DATASET_KEY: dataset_fingerprint(source)})
+    except ConfigError as err:
+        report(FAIL, str(err))
+    except (OSError, ValueError) as err:
+        report(FAIL, f"dataset: {err}")
+    else:
+        report(OK, "dataset matches the checkpoint's fingerprint")
 
 
 def run_doctor(cfg: RunConfig) -> int:
@@ -77,6 +98,8 @@ def run_doctor(cfg: RunConfig) -> int:
                          f"{change['checkpoint']!r} -> {change['now']!r}")
     except ConfigError as err:
         report(FAIL, str(err))
+    if data.exists():
+        _check_dataset(cfg, plan, report)
     logged = [r for r in read_metrics(run_dir / METRICS_JSONL) if r.get("step") == plan.step]
     if logged:
         row = logged[-1]

@@ -90,14 +90,16 @@ class MemoryEstimate:
         return sum(self.host.values())
 
 
-def vocab_size_for(cfg: RunConfig) -> int:
-    """The tokenizer length the model will be built with (Llama-2's when the tokenizer is not at hand)."""
-    from steadyvla.model.build import load_tokenizer
+def model_spec_for(cfg: RunConfig):
+    """The VLASpec a start would build: `vla_path`'s config.json, else the preset sized to its tokenizer
+    (Llama-2's vocabulary when the tokenizer is not at hand: the estimate needs only the size)."""
+    from steadyvla.model.build import load_tokenizer, model_spec
+    from steadyvla.model.presets import get_preset
 
     try:
-        return len(load_tokenizer(cfg))
+        return model_spec(cfg, load_tokenizer(cfg))
     except (ConfigError, OSError):
-        return LLAMA2_VOCAB
+        return get_preset(cfg.model_preset).spec(LLAMA2_VOCAB, LLAMA2_VOCAB - 1)
 
 
 def model_shape(cfg: RunConfig) -> ModelShape:
@@ -105,12 +107,11 @@ def model_shape(cfg: RunConfig) -> ModelShape:
     from peft import get_peft_model
 
     from steadyvla.model.build import lora_config
-    from steadyvla.model.presets import get_preset
     from steadyvla.model.vla import VLA
 
-    preset = get_preset(cfg.model_preset)
+    spec = model_spec_for(cfg)
     with torch.device("meta"):
-        vla = VLA(preset, vocab_size=vocab_size_for(cfg), pad_token_id=0)
+        vla = VLA(spec)
         model = get_peft_model(vla, lora_config(cfg))
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     base = sum(p.numel() for p in model.parameters()) - trainable
@@ -122,7 +123,7 @@ def model_shape(cfg: RunConfig) -> ModelShape:
                                  tokens=tower.patch_embed.num_patches + tower.num_prefix_tokens))
     llm = vla.language_model.config
     return ModelShape(base, trainable, llm.hidden_size, llm.intermediate_size, llm.num_hidden_layers,
-                      llm.vocab_size, vla.num_patches, preset.image_size, tuple(towers))
+                      llm.vocab_size, vla.num_patches, spec.image_size, tuple(towers))
 
 
 def _activations(shape: ModelShape, batch: int, seq: int, e: int, checkpointing: bool) -> int:

@@ -41,6 +41,22 @@ def fsync_dir(path: str | os.PathLike[str]) -> None:
         os.close(fd)
 
 
+def mkdir_durable(path: str | os.PathLike[str]) -> None:
+    """`mkdir -p path`, fsyncing the parent of every directory it creates, so a crash right after
+    cannot forget the new directory (and with it everything written inside)."""
+    path = Path(path)
+    missing = []
+    while not path.exists():
+        missing.append(path)
+        path = path.parent
+    for directory in reversed(missing):
+        try:
+            directory.mkdir()
+        except FileExistsError:  # another process (rank) created it first; still fsync below
+            pass
+        fsync_dir(directory.parent)
+
+
 def fsync_tree(root: str | os.PathLike[str]) -> None:
     """fsync every file and directory under ``root`` (``root`` included), children first."""
     for dirpath, _dirnames, filenames in os.walk(root, topdown=False):

@@ -16,6 +16,7 @@ import torchvision.transforms.v2.functional as TF
 from PIL import Image
 
 from steadyvla.model.presets import VLAPreset
+from steadyvla.model.spec import VLASpec
 
 CROP_AREA = 0.9
 BRIGHTNESS_DELTA = 0.2
@@ -57,7 +58,7 @@ def augment(image: torch.Tensor, rng: np.random.Generator) -> torch.Tensor:
 class ImageTransform:
     """Resize, optionally augment, normalise per tower and stack (6 channels for fused towers)."""
 
-    def __init__(self, preset: VLAPreset, image_aug: bool, seed: int):
+    def __init__(self, preset: VLASpec | VLAPreset, image_aug: bool, seed: int):
         self.size = preset.image_size
         self.image_aug = image_aug
         self.seed = seed

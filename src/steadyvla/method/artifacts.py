@@ -7,6 +7,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -19,6 +20,15 @@ from safetensors.torch import load_file, save_file
 from steadyvla.checkpoint.atomic import fsync_tree, replace_dir
 
 ICSM_META = "meta.json"
+# meta.json keys that describe the build environment, not the artifacts: left out of the content hash
+# so rebuilding identical subspaces under another library version does not look like a change.
+ENVIRONMENT_META_KEYS = ("versions",)
+# config field -> meta.json key of the setting the artifacts were built with
+BUILD_SETTINGS = {"icsm_rank": "r", "icsm_epsilon": "epsilon", "icsm_fragile_fraction": "fragile_fraction",
+                  "icsm_plastic_fraction": "plastic_fraction", "icsm_sensitivity_samples": "sensitivity_samples",
+                  "icsm_epsilon_absolute": "epsilon_absolute", "icsm_split": "split",
+                  "icsm_fragile_dim": "fragile_dim", "icsm_plastic_dim": "plastic_dim",
+                  "prompt_template": "probe_prompt_template", "seed": "seed"}
 ICSM_FORMAT = "steadyvla-icsm"
 TENSOR_KEYS = ("U_f", "U_p", "mu", "C_T", "singular_values", "sensitivity")
 
@@ -34,6 +44,23 @@ class IcsmArtifacts:
     groups: list[list[int]]
     tensors: dict[int, dict[str, torch.Tensor]]  # representative layer -> TENSOR_KEYS
     meta: dict
+
+    def content_sha256(self) -> str:
+        """sha256 of what training uses: every tensor (name, dtype, shape, bytes) of every layer
+        and meta.json without its ENVIRONMENT_META_KEYS. Equal for identical copies at any path."""
+        digest = hashlib.sha256()
+        meta = {k: v for k, v in self.meta.items() if k not in ENVIRONMENT_META_KEYS}
+        digest.update(json.dumps(meta, sort_keys=True).encode())
+        for layer in sorted(self.tensors):
+            for key in sorted(self.tensors[layer]):
+                tensor = self.tensors[layer][key].contiguous()
+                digest.update(f"{layer}/{key}/{tensor.dtype}/{tuple(tensor.shape)}".encode())
+                digest.update(tensor.view(-1).view(torch.uint8).numpy().tobytes())
+        return digest.hexdigest()
+
+    def build_settings(self) -> dict:
+        """The config values the artifacts were built with, by config field name (absent ones left out)."""
+        return {field: self.meta[key] for field, key in BUILD_SETTINGS.items() if key in self.meta}
 
     def representative(self, layer: int) -> int:
         """The layer whose subspace `layer` uses."""

@@ -11,36 +11,39 @@ import torch
 from steadyvla.config import ConfigError, RunConfig
 from steadyvla.data.transforms import ImageTransform
 from steadyvla.method.artifacts import ICSM_FORMAT, IcsmArtifacts, read_artifacts, write_artifacts
-from steadyvla.method.icsm import (
-    covariance, decoder_layers, direction_sensitivity, layer_groups, pooled_instruction_states, principal_directions,
-    split_by_fragility,
-)
+from steadyvla.method.icsm import IcsmOptions, decoder_layers, layer_groups, layer_subspaces, pooled_instruction_states
 from steadyvla.method.probe import ProbeSet, encode_probe_batch, probe_from_jsonl, probe_from_source
 from steadyvla.model.build import build_vla, load_tokenizer
-from steadyvla.model.presets import get_preset
-from steadyvla.model.prompt import PromptBuilder
+from steadyvla.model.prompt import PromptBuilder, probe_template
 from steadyvla.versions import library_versions
-
-TEACHER_BATCH = 16
 
 
 def artifact_dir(cfg: RunConfig) -> Path:
-    """`icms_artifact_dir`, or `<run_root_dir>/icsm/<model>-<dataset>-r<rank>` when unset."""
+    """`icms_artifact_dir`; when unset `<artifact_dir>/icms_<name>` (the users' layout) or
+    `<run_root_dir>/icsm/<name>`, name = <model>-<dataset>-r<rank>-seed<seed>."""
     if cfg.icms_artifact_dir:
         return Path(cfg.icms_artifact_dir)
     model = Path(cfg.vla_path).name if cfg.vla_path else cfg.model_preset
-    return Path(cfg.run_root_dir) / "icsm" / f"{model}-{cfg.dataset_name}-r{cfg.icsm_rank}-seed{cfg.seed}"
+    name = f"{model}-{cfg.dataset_name}-r{cfg.icsm_rank}-seed{cfg.seed}"
+    if cfg.artifact_dir:
+        return Path(cfg.artifact_dir) / f"icms_{name}"
+    return Path(cfg.run_root_dir) / "icsm" / name
 
 
 def load_probe(cfg: RunConfig, training_source) -> ProbeSet:
     """The probe set the config asks for (JSONL, a named dataset, or the training dataset)."""
     if cfg.probe_jsonl:
-        return probe_from_jsonl(Path(cfg.probe_jsonl), cfg.probe_size)
+        image_root = Path(cfg.probe_image_root) if cfg.probe_image_root else None
+        return probe_from_jsonl(Path(cfg.probe_jsonl), cfg.probe_size, image_root)
     source = training_source
-    if cfg.probe_dataset_name and cfg.probe_dataset_name != cfg.dataset_name:
+    root = Path(cfg.probe_root_dir or cfg.data_root_dir)
+    name = cfg.probe_dataset_name or cfg.dataset_name
+    if (root, name) != (Path(cfg.data_root_dir), cfg.dataset_name):
         from steadyvla.data.registry import open_frame_source
 
-        source = open_frame_source(Path(cfg.data_root_dir), cfg.probe_dataset_name)
+        if not (root / name).exists():
+            raise ConfigError(f"config fields `probe_root_dir`/`probe_dataset_name`: {root / name} does not exist")
+        source = open_frame_source(root, name)
     return probe_from_source(source, cfg.probe_size, cfg.seed)
 
 
@@ -64,8 +67,9 @@ def build_icsm(cfg: RunConfig, training_source, log: Callable[[str], None] = pri
     probe = probe if probe is not None else load_probe(cfg, training_source)
     groups = layer_groups(cfg.hsw_layer_ids, len(decoder_layers(teacher)))
     reps = [g[-1] for g in groups]
-    builder = PromptBuilder(tokenizer, cfg.prompt_template)
-    transform = ImageTransform(get_preset(cfg.model_preset), image_aug=False, seed=cfg.seed)
+    builder = PromptBuilder(tokenizer, probe_template(cfg.prompt_template))
+    options = IcsmOptions.from_config(cfg)
+    transform = ImageTransform(teacher.spec, image_aug=False, seed=cfg.seed)
 
     def batch_of(indices: list[int]):
         return encode_probe_batch(probe, indices, builder, transform, teacher.num_patches, int(tokenizer.pad_token_id))
@@ -73,8 +77,9 @@ def build_icsm(cfg: RunConfig, training_source, log: Callable[[str], None] = pri
     log(f"ICSM: teacher forward over {len(probe)} probe samples ({probe.origin}); layers {groups}")
     pooled: dict[int, list[torch.Tensor]] = {r: [] for r in reps}
     empty = 0
-    for start in range(0, len(probe), TEACHER_BATCH):
-        states, valid = pooled_instruction_states(teacher, batch_of(list(range(start, min(len(probe), start + TEACHER_BATCH)))), reps, device)
+    for start in range(0, len(probe), cfg.icsm_batch_size):
+        indices = list(range(start, min(len(probe), start + cfg.icsm_batch_size)))
+        states, valid = pooled_instruction_states(teacher, batch_of(indices), reps, device)
         empty += int((~valid).sum())
         for r in reps:
             pooled[r].append(states[r][valid].cpu())
@@ -86,18 +91,20 @@ def build_icsm(cfg: RunConfig, training_source, log: Callable[[str], None] = pri
         x = torch.cat(pooled[r])
         if x.shape[0] < 2:
             raise ConfigError(f"config field `probe_size`: {x.shape[0]} usable probe samples; need at least 2")
-        directions, singular = principal_directions(x, cfg.icsm_rank)
-        spread = (x - x.mean(dim=0)).pow(2).sum(dim=1).mean().sqrt().item()
-        sensitivity = direction_sensitivity(teacher, sens_batch, r, directions, cfg.icsm_epsilon * spread, device,
-                                            teacher.num_patches)
-        u_f, u_p = split_by_fragility(directions, sensitivity, cfg.icsm_fragile_fraction, cfg.icsm_plastic_fraction)
-        tensors[r] = {"U_f": u_f, "U_p": u_p, "mu": x.mean(dim=0), "C_T": covariance(x),
-                      "singular_values": singular, "sensitivity": sensitivity}
-        log(f"ICSM layer {r}: D={x.shape[1]}, r={directions.shape[1]}, U_f {tuple(u_f.shape)}, U_p {tuple(u_p.shape)}")
+        try:
+            tensors[r] = layer_subspaces(teacher, x, sens_batch, r, options, device, teacher.num_patches)
+        except ValueError as err:
+            raise ConfigError(str(err)) from err
+        u_f, u_p = tensors[r]["U_f"], tensors[r]["U_p"]
+        log(f"ICSM layer {r}: D={x.shape[1]}, r={len(tensors[r]['sensitivity'])}, U_f {tuple(u_f.shape)}, "
+            f"U_p {tuple(u_p.shape)} ({options.split})")
     meta = {
         "format": ICSM_FORMAT, "version": 1, "layers": [i for g in groups for i in g], "groups": groups,
-        "r": cfg.icsm_rank, "epsilon": cfg.icsm_epsilon, "fragile_fraction": cfg.icsm_fragile_fraction,
-        "plastic_fraction": cfg.icsm_plastic_fraction, "seed": cfg.seed,
+        "r": cfg.icsm_rank, "epsilon": cfg.icsm_epsilon, "epsilon_absolute": cfg.icsm_epsilon_absolute,
+        "split": cfg.icsm_split, "fragile_fraction": cfg.icsm_fragile_fraction,
+        "plastic_fraction": cfg.icsm_plastic_fraction, "fragile_dim": cfg.icsm_fragile_dim,
+        "plastic_dim": cfg.icsm_plastic_dim,
+        "sensitivity_samples": cfg.icsm_sensitivity_samples, "seed": cfg.seed, "probe_prompt_template": builder.template,
         "probe": {"origin": probe.origin, "size": len(probe), "sha256": probe.digest(), "empty_masks": empty},
         "model": {"preset": cfg.model_preset, "vla_path": cfg.vla_path, "sha256": model_digest(teacher)},
         "versions": library_versions(),

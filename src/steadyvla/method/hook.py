@@ -16,12 +16,17 @@ from steadyvla.config import ConfigError, RunConfig
 from steadyvla.data.transforms import ImageTransform
 from steadyvla.method.artifacts import IcsmArtifacts
 from steadyvla.method.hsw import HSWHooks
-from steadyvla.method.icsm import covariance, decoder_layers, layer_groups, pooled_instruction_states
+from steadyvla.method.icsm import covariance_drift, decoder_layers, layer_groups, pooled_instruction_states
 from steadyvla.method.probe import ProbeSet, encode_probe_batch
 from steadyvla.method.thermostat import Thermostat, ThermostatSettings, broadcast_from_rank0
-from steadyvla.model.presets import get_preset
-from steadyvla.model.prompt import PromptBuilder
+from steadyvla.model.build import model_spec
+from steadyvla.model.prompt import DEFAULT_PROMPT_TEMPLATE, PromptBuilder, probe_template
 from steadyvla.train.hooks import TrainHook
+
+
+def _is_rank0() -> bool:
+    return not (torch.distributed.is_available() and torch.distributed.is_initialized()) or \
+        torch.distributed.get_rank() == 0
 
 
 class MethodHook(TrainHook):
@@ -42,8 +47,13 @@ class MethodHook(TrainHook):
         self.probe_batch_size = cfg.probe_batch_size
         self.representatives = [g[-1] for g in groups]
         self.teacher_cov = {r: artifacts.tensors[r]["C_T"].to(device) for r in self.representatives}
-        self.prompt_builder = PromptBuilder(tokenizer, cfg.prompt_template)
-        self.transform = ImageTransform(get_preset(cfg.model_preset), image_aug=False, seed=cfg.seed)
+        self.prompt_builder = PromptBuilder(tokenizer, probe_template(cfg.prompt_template))
+        # artifacts from before `prompt_template` meant the probe prompt were built with the training prompt
+        built_with = artifacts.meta.get("probe_prompt_template", DEFAULT_PROMPT_TEMPLATE)
+        if built_with != self.prompt_builder.template:
+            raise ConfigError(f"config field `prompt_template`: {self.prompt_builder.template!r}, but the ICSM "
+                              f"artifacts were built with probe prompt {built_with!r}; rebuild them or set it back")
+        self.transform = ImageTransform(model_spec(cfg, tokenizer), image_aug=False, seed=cfg.seed)
         self.pad_token_id = int(tokenizer.pad_token_id)
         layers = decoder_layers(model)
         hooked = [i for g in groups for i in g]
@@ -68,16 +78,18 @@ class MethodHook(TrainHook):
             pooled, valid = pooled_instruction_states(self.model, batch, self.representatives, self.device)
         finally:
             self.model.train(was_training)
-        drifts = []
-        for r in self.representatives:
-            cov = covariance(pooled[r][valid])
-            drifts.append(torch.linalg.matrix_norm(cov - self.teacher_cov[r]).item())
-        return sum(drifts) / len(drifts)
+        return covariance_drift({r: pooled[r][valid] for r in self.representatives}, self.teacher_cov)
 
     def on_step_start(self, step: int) -> None:
         if self.thermostat.should_measure(step):
-            # rank 0's drift drives every rank, so all ranks hold the same Thermostat state
-            (self.last_drift,) = broadcast_from_rank0([self.measure_drift()])
+            # Only rank 0 runs the probe forward; its drift drives every rank, so all ranks hold the
+            # same Thermostat state. The others only advance the probe position in step with it.
+            if _is_rank0():
+                drift = self.measure_drift()
+            else:
+                drift = float("nan")
+                self.probe_position = (self.probe_position + self.probe_batch_size) % len(self.probe)
+            (self.last_drift,) = broadcast_from_rank0([drift])
             self.thermostat.observe(step, self.last_drift)
         self.hsw.beta, self.hsw.gamma = self.thermostat.beta, self.thermostat.gamma
 

@@ -65,8 +65,9 @@ def probe_from_source(source, size: int, seed: int) -> ProbeSet:
     return ProbeSet(samples, origin=f"{source.name} ({count} of {len(source)} frames, seed {seed})")
 
 
-def probe_from_jsonl(path: Path, size: int) -> ProbeSet:
-    """The first `size` lines of a JSONL file of {"image": path, "instruction": text}."""
+def probe_from_jsonl(path: Path, size: int, image_root: Path | None = None) -> ProbeSet:
+    """The first `size` lines of a JSONL file of {"image": path, "instruction": text}; relative
+    image paths are under `image_root` (the users' `probe_image_root`), else the file's directory."""
     samples = []
     for number, line in enumerate(Path(path).read_text().splitlines()[:size], start=1):
         try:
@@ -77,7 +78,7 @@ def probe_from_jsonl(path: Path, size: int) -> ProbeSet:
             raise ValueError(f"probe file {path}, line {number}: expected "
                              '{"image": "<path>", "instruction": "<text>"} ({err})') from err
         if not image_path.is_absolute():
-            image_path = Path(path).parent / image_path
+            image_path = (image_root or Path(path).parent) / image_path
         samples.append(ProbeSample(np.asarray(Image.open(image_path).convert("RGB")), instruction))
     return ProbeSet(samples, origin=str(path))
 

@@ -6,54 +6,81 @@ from pathlib import Path
 
 import torch
 from peft import LoraConfig, PeftModel, get_peft_model
-from transformers import AutoTokenizer
 
 from steadyvla.config import ConfigError, RunConfig
 from steadyvla.model.action_tokenizer import ActionTokenizer
+from steadyvla.model.bundle import tokenizer_from_dir
+from steadyvla.model.openvla_config import OpenVLAFormatError
+from steadyvla.model.openvla_load import OpenVLADir, check_weights, load_weights, read_openvla_dir
 from steadyvla.model.presets import get_preset, tiny_tokenizer_dir
+from steadyvla.model.spec import VLASpec
 from steadyvla.model.vla import VLA
 
 # The LM head stays frozen, as in OpenVLA's "all-linear" LoRA (PEFT only skips it for HF models).
 LORA_EXCLUDED_MODULES = ["language_model.lm_head"]
 
 
+def openvla_source(cfg: RunConfig) -> OpenVLADir:
+    """The checked OpenVLA directory of `vla_path`: config, index and every shard header agree
+    with the model config.json describes (cheap: the model is built on the meta device). Errors
+    name the field, the file and what was expected."""
+    try:
+        src = read_openvla_dir(cfg.vla_path)
+        check_weights(src)
+    except OpenVLAFormatError as err:
+        raise OpenVLAFormatError(f"config field `vla_path`: {err}") from err
+    if cfg.tokenizer_path:
+        raise ConfigError(f"config field `tokenizer_path`: {cfg.tokenizer_path!r} conflicts with `vla_path` "
+                          f"{cfg.vla_path!r}, whose own tokenizer is used; set `tokenizer_path: null`")
+    return src
+
+
 def load_tokenizer(cfg: RunConfig):
-    """Tokenizer from `tokenizer_path`, or the one shipped for the tiny preset (`vla_path` weights
-    loading is not available yet and is refused rather than silently ignored)."""
+    """Tokenizer from `vla_path`, `tokenizer_path`, or the one shipped for the tiny preset."""
     if cfg.vla_path:
-        raise ConfigError(
-            f"config field `vla_path`: {cfg.vla_path!r}: loading OpenVLA weights is not available yet (it comes with "
-            "the OpenVLA checkpoint I/O work); set `vla_path: null` to train the preset from random init"
-        )
+        return tokenizer_from_dir(cfg.vla_path)
     if cfg.tokenizer_path:
         path = Path(cfg.tokenizer_path)
         if not path.is_dir():
             raise ConfigError(f"config field `tokenizer_path`: {cfg.tokenizer_path!r} is not a directory")
-        tok = AutoTokenizer.from_pretrained(str(path))
-    elif cfg.model_preset == "tiny":
-        tok = AutoTokenizer.from_pretrained(str(tiny_tokenizer_dir()))
-    else:
-        raise ConfigError(
-            f"config field `tokenizer_path`: required for model_preset {cfg.model_preset!r} (a local directory with "
-            "the Llama-2 tokenizer files, e.g. tokenizer.model); only `tiny` ships its own tokenizer"
-        )
-    if tok.pad_token_id is None:
-        tok.add_special_tokens({"pad_token": "<PAD>"})
-    return tok
+        return tokenizer_from_dir(path)
+    if cfg.model_preset == "tiny":
+        return tokenizer_from_dir(tiny_tokenizer_dir())
+    raise ConfigError(
+        f"config field `tokenizer_path`: required for model_preset {cfg.model_preset!r} (a local directory with "
+        "the Llama-2 tokenizer files, e.g. tokenizer.model); only `tiny` ships its own tokenizer"
+    )
 
 
-def action_tokenizer_for(tokenizer) -> ActionTokenizer:
-    """Action bins on the last 256 ids before <PAD> (tokenizer.vocab_size: 32000 for Llama-2)."""
+def model_spec(cfg: RunConfig, tokenizer) -> VLASpec:
+    """What the model is built from: `vla_path`'s config.json, else the preset sized to the tokenizer."""
+    if cfg.vla_path:
+        return read_openvla_dir(cfg.vla_path).spec
+    return get_preset(cfg.model_preset).spec(len(tokenizer), int(tokenizer.pad_token_id))
+
+
+def action_tokenizer_for(tokenizer, spec: VLASpec | None = None) -> ActionTokenizer:
+    """Action bins on the last 256 ids before <PAD> (tokenizer.vocab_size: 32000 for Llama-2).
+
+    With `spec` (a loaded OpenVLA checkpoint) the end is OpenVLA's own `text vocab -
+    pad_to_multiple_of`, the value its `predict_action` decodes with; for Llama-2 both are 32000.
+    """
+    if spec is not None:
+        return ActionTokenizer(vocab_end=spec.action_vocab_end, n_bins=spec.n_action_bins)
     return ActionTokenizer(vocab_end=int(tokenizer.vocab_size))
 
 
 def build_vla(cfg: RunConfig, tokenizer, device: torch.device | str = "cpu") -> VLA:
-    """The VLA with deterministic random init from `cfg.seed`, built directly on `device` (a 7B
-    model initialised on the CPU takes minutes and 30 GB of host RAM)."""
+    """The VLA of `vla_path` (weights streamed onto `device` in `cfg.dtype`), or the preset with
+    deterministic random init from `cfg.seed`, built directly on `device` (a 7B model initialised
+    on the CPU takes minutes and 30 GB of host RAM)."""
+    dtype = getattr(torch, cfg.dtype)
+    if cfg.vla_path:
+        return load_weights(openvla_source(cfg), device, dtype)
     torch.manual_seed(cfg.seed)
     with torch.device(device):
-        model = VLA(get_preset(cfg.model_preset), vocab_size=len(tokenizer), pad_token_id=int(tokenizer.pad_token_id))
-    return model.to(dtype=getattr(torch, cfg.dtype))
+        model = VLA(model_spec(cfg, tokenizer))
+    return model.to(dtype=dtype)
 
 
 def _target_modules(spec: str) -> str | list[str]:

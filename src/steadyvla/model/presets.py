@@ -2,27 +2,17 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
 
-from transformers import LlamaConfig
+from steadyvla.model.spec import TowerSpec, VLASpec, padded_vocab_size
 
 # Per-tower image normalisation (OpenVLA's DINOv2 values are the bf16-rounded ImageNet stats).
 DINOV2_MEAN = (0.484375, 0.455078125, 0.40625)
 DINOV2_STD = (0.228515625, 0.2236328125, 0.224609375)
 SIGLIP_MEAN = (0.5, 0.5, 0.5)
 SIGLIP_STD = (0.5, 0.5, 0.5)
-
-
-@dataclass(frozen=True)
-class TowerSpec:
-    """One timm vision tower: model id, constructor overrides and its image normalisation."""
-
-    timm_id: str
-    mean: tuple[float, float, float]
-    std: tuple[float, float, float]
-    overrides: dict = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -35,11 +25,11 @@ class VLAPreset:
     llm: dict  # LlamaConfig kwargs (vocab_size is set from the tokenizer)
     pad_to_multiple_of: int = 64
 
-    def llm_config(self, vocab_size: int, pad_token_id: int) -> LlamaConfig:
-        """LlamaConfig with the vocabulary padded to a multiple of `pad_to_multiple_of`."""
-        m = self.pad_to_multiple_of
-        padded = ((vocab_size + m - 1) // m) * m
-        return LlamaConfig(**self.llm, vocab_size=padded, pad_token_id=pad_token_id)
+    def spec(self, vocab_size: int, pad_token_id: int) -> VLASpec:
+        """The build spec for a tokenizer of `vocab_size` ids (padded to `pad_to_multiple_of`)."""
+        llm = dict(self.llm, vocab_size=padded_vocab_size(vocab_size, self.pad_to_multiple_of),
+                   pad_token_id=pad_token_id)
+        return VLASpec(self.image_size, self.towers, llm, self.pad_to_multiple_of)
 
 
 def tiny_tokenizer_dir() -> Path:
@@ -69,7 +59,7 @@ PRESETS: dict[str, VLAPreset] = {
         name="openvla-7b",
         image_size=224,
         towers=(
-            TowerSpec("vit_large_patch14_reg4_dinov2", DINOV2_MEAN, DINOV2_STD, dict(img_size=224)),
+            TowerSpec("vit_large_patch14_reg4_dinov2.lvd142m", DINOV2_MEAN, DINOV2_STD, dict(img_size=224)),
             TowerSpec("vit_so400m_patch14_siglip_224", SIGLIP_MEAN, SIGLIP_STD, dict(img_size=224)),
         ),
         llm=dict(

@@ -16,6 +16,14 @@ import torch
 
 IGNORE_INDEX = -100
 DEFAULT_PROMPT_TEMPLATE = "In: What action should the robot take to {instruction}?\nOut: "
+# The users' default wrapper of the instruction in the method's probe forwards (ICSM and Thermostat);
+# config key `prompt_template`. The training prompt is always DEFAULT_PROMPT_TEMPLATE.
+PROBE_PROMPT_TEMPLATE = "In: {instruction}\nOut:"
+
+
+def probe_template(template: str | None) -> str:
+    """The probe prompt wrapper for config value `template` (None = the users' default)."""
+    return template if template is not None else PROBE_PROMPT_TEMPLATE
 
 
 def format_prompt(instruction: str, template: str | None = None) -> str:

@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 from transformers import LlamaForCausalLM
 
-from steadyvla.model.presets import TowerSpec, VLAPreset
+from steadyvla.model.spec import TowerSpec, VLASpec
 from steadyvla.model.prompt import IGNORE_INDEX
 
 
@@ -84,17 +84,28 @@ class VLAOutput:
 class VLA(nn.Module):
     """Vision backbone + projector + language model; patches inserted right after <BOS>."""
 
-    def __init__(self, preset: VLAPreset, vocab_size: int, pad_token_id: int):
+    def __init__(self, spec: VLASpec):
         super().__init__()
-        self.preset = preset
-        self.vision_backbone = VisionBackbone(preset.towers)
-        llm_config = preset.llm_config(vocab_size, pad_token_id)
-        self.projector = Projector(self.vision_backbone.embed_dim, llm_config.hidden_size, fused=len(preset.towers) == 2)
+        self.spec = spec
+        self.vision_backbone = VisionBackbone(spec.towers)
+        llm_config = spec.llm_config()
+        self.projector = Projector(self.vision_backbone.embed_dim, llm_config.hidden_size, fused=spec.fused)
         self.language_model = LlamaForCausalLM(llm_config)
 
     @property
     def num_patches(self) -> int:
         return self.vision_backbone.num_patches
+
+    def multimodal_embeddings(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, pixel_values: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """LLM input embeddings with the projected patches inserted right after <BOS>, and the
+        matching attention mask."""
+        patches = self.projector(self.vision_backbone(pixel_values.to(self.projector.fc1.weight.dtype)))
+        tokens = self.language_model.get_input_embeddings()(input_ids)
+        embeds = torch.cat([tokens[:, :1], patches.to(tokens.dtype), tokens[:, 1:]], dim=1)
+        ones = attention_mask.new_ones(patches.shape[:2])
+        return embeds, torch.cat([attention_mask[:, :1], ones, attention_mask[:, 1:]], dim=1)
 
     def forward(
         self,
@@ -105,18 +116,14 @@ class VLA(nn.Module):
         output_hidden_states: bool = False,
     ) -> VLAOutput:
         """Multimodal forward; loss is next-token CE on labels != IGNORE_INDEX (actions + EOS)."""
-        patches = self.projector(self.vision_backbone(pixel_values.to(self.projector.fc1.weight.dtype)))
-        tokens = self.language_model.get_input_embeddings()(input_ids)
-        embeds = torch.cat([tokens[:, :1], patches.to(tokens.dtype), tokens[:, 1:]], dim=1)
-        ones = attention_mask.new_ones(patches.shape[:2])
-        mask = torch.cat([attention_mask[:, :1], ones, attention_mask[:, 1:]], dim=1)
+        embeds, mask = self.multimodal_embeddings(input_ids, attention_mask, pixel_values)
         out = self.language_model(
             inputs_embeds=embeds, attention_mask=mask, output_hidden_states=output_hidden_states, use_cache=False
         )
         if labels is None:  # inference / probing: logits at every position, unshifted
             return VLAOutput(None, out.logits, None, out.hidden_states)
         logits = out.logits[:, :-1]
-        ignore = labels.new_full(patches.shape[:2], IGNORE_INDEX)
+        ignore = labels.new_full((labels.shape[0], self.num_patches), IGNORE_INDEX)
         targets = torch.cat([labels[:, :1], ignore, labels[:, 1:]], dim=1)[:, 1:]
         loss = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), targets.reshape(-1), ignore_index=IGNORE_INDEX)
         return VLAOutput(loss, logits, targets, out.hidden_states)

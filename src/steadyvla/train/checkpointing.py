@@ -32,6 +32,7 @@ from steadyvla.data.sampler import DataPosition
 from steadyvla.distributed import DistEnv, gather_to_all
 from steadyvla.faults import fault_point
 from steadyvla.train.hooks import TrainHook
+from steadyvla.train.run_inputs import INPUTS_KEY
 from steadyvla.versions import library_versions
 
 STATE_FORMAT_VERSION = 1
@@ -64,9 +65,11 @@ class Snapshot:
     meta: dict[str, Any]
 
 
-def take_snapshot(state: TrainState, cfg: RunConfig, env: DistEnv = DistEnv()) -> Snapshot | None:
+def take_snapshot(state: TrainState, cfg: RunConfig, env: DistEnv = DistEnv(),
+                  inputs: dict[str, Any] | None = None) -> Snapshot | None:
     """Copy all state to CPU (blocking part of a save). Collective: every rank calls it; rank 0
-    gets the snapshot (with every rank's RNG), the others None."""
+    gets the snapshot (with every rank's RNG), the others None. `inputs` (dataset fingerprint,
+    ICSM hash; see run_inputs) is stored so a resume can check them."""
     all_rng = gather_to_all(snapshot_rng(env.rank), env)
     if not env.is_main:
         return None
@@ -98,6 +101,8 @@ def take_snapshot(state: TrainState, cfg: RunConfig, env: DistEnv = DistEnv()) -
         "config": cfg.to_dict(),
         "versions": library_versions(),
     }
+    if inputs is not None:
+        meta[INPUTS_KEY] = inputs
     adapter_config = copy.deepcopy(state.model.peft_config["default"])
     return Snapshot(state.global_step, adapter, adapter_config, tensors, meta)
 
@@ -154,9 +159,11 @@ class TrainerCheckpointer:
     failure stops the run with `SaveFailed`; `latest` still names the previous complete checkpoint.
     """
 
-    def __init__(self, run_dir: Path, cfg: RunConfig, log: Callable[[str], None], env: DistEnv = DistEnv()):
+    def __init__(self, run_dir: Path, cfg: RunConfig, log: Callable[[str], None], env: DistEnv = DistEnv(),
+                 inputs: dict[str, Any] | None = None):
         self.cfg = cfg
         self.env = env
+        self.inputs = inputs
         self.manager = CheckpointManager(
             run_dir, keep_last_k=cfg.keep_last_k, save_latest_only=cfg.save_latest_checkpoint_only, log=log
         )
@@ -168,7 +175,7 @@ class TrainerCheckpointer:
         """Snapshot now; write now (blocking) or on the background thread. Every rank calls it
         (the RNG gather is collective); only rank 0 writes."""
         self.wait()  # never two saves in flight; the snapshot reuses host buffers
-        snapshot = take_snapshot(state, self.cfg, self.env)
+        snapshot = take_snapshot(state, self.cfg, self.env, self.inputs)
         if snapshot is None:
             return
         if blocking or not self.cfg.async_save:

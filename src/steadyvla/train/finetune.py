@@ -12,9 +12,11 @@ import torch
 from torch.utils.data import DataLoader
 
 from steadyvla.checkpoint.layout import DATASET_STATISTICS
+from steadyvla.checkpoint.atomic import mkdir_durable
 from steadyvla.checkpoint.manager import CheckpointError
 from steadyvla.checkpoint.run_lock import RunDirBusy, RunLock
-from steadyvla.config import ConfigError, RunConfig
+from steadyvla.config import DEMO_DATASET_NAME, ConfigError, RunConfig
+from steadyvla.config_compat import compat_notes
 from steadyvla.data.dataset import PaddedCollator, VLADataset
 from steadyvla.data.frames import FrameSource
 from steadyvla.data.sampler import DataPosition, ResumableBatchSampler
@@ -22,21 +24,22 @@ from steadyvla.data.stats import compute_action_statistics, load_dataset_statist
 from steadyvla.data.transforms import ImageTransform
 from steadyvla.distributed import DistEnv, barrier, init_distributed, shutdown, wrap_data_parallel
 from steadyvla.memory_report import Preflight, enforce, preflight_for
-from steadyvla.model.build import action_tokenizer_for, build_vla, load_tokenizer, wrap_lora
-from steadyvla.model.presets import get_preset
+from steadyvla.model.build import action_tokenizer_for, build_vla, load_tokenizer, model_spec, openvla_source, wrap_lora
 from steadyvla.model.prompt import PromptBuilder
 from steadyvla.train.checkpointing import TrainerCheckpointer, TrainState, load_into
 from steadyvla.train.hooks import TrainHook
 from steadyvla.train.loop import LoopResult, run_loop
 from steadyvla.train.metrics import MetricsLogger
-from steadyvla.train.optim import build_optimizer, build_scheduler
+from steadyvla.train.optim import build_optimizer, build_scheduler, rebuild_scheduler, schedule_change
 from steadyvla.train.resume import ResumePlan, apply_rewind, config_changes, plan_resume
 from steadyvla.train.run_dir import record_error, record_start, run_dir_for
+from steadyvla.train.run_inputs import check_run_inputs, collect_run_inputs
 from steadyvla.train.signals import PreemptionFlag, ignore_preemption_signals
 
-DEMO_DATASET_NAME = "metaworld_demo"
 USER_ERRORS = (ConfigError, CheckpointError, RunDirBusy)  # refusals: `error:` line, exit status 2
 T = TypeVar("T")
+# starts.jsonl `changed_fields` entry when a new max_steps changed the restored lr schedule
+SCHEDULE_REBUILT_RECORD = "lr_schedule_rebuilt"
 
 
 def say(message: str) -> None:
@@ -65,28 +68,33 @@ def open_training_data(cfg: RunConfig, log: Callable[[str], None] = say) -> Fram
     return open_frame_source(Path(cfg.data_root_dir), cfg.dataset_name, image_key=cfg.image_key)
 
 
-def action_statistics(cfg: RunConfig, source: FrameSource, run_dir: Path, resuming: bool, write: bool = True) -> dict:
-    """Compute (fresh start) or reload (resume) the run's dataset_statistics.json; return action stats.
-    Every rank computes the same numbers; only the one with `write` writes the file."""
+def action_statistics(cfg: RunConfig, source: FrameSource, run_dir: Path, resuming: bool) -> tuple[dict, bool]:
+    """Reload (resume) or compute (fresh start) the run's statistics {dataset_name: entry}; also
+    whether they were computed and still have to be written. Reads only: a corrupt file is a
+    ConfigError before the start is recorded."""
     path = run_dir / DATASET_STATISTICS
-    if resuming and path.exists():
-        stats = load_dataset_statistics(path)
-    else:
+    computed = not (resuming and path.exists())
+    if computed:
         stats = {cfg.dataset_name: compute_action_statistics(source.actions(), num_trajectories=source.num_episodes)}
-        if write:
-            write_dataset_statistics(path, stats)
+    else:
+        try:
+            stats = load_dataset_statistics(path)
+        except ValueError as err:
+            raise ConfigError(f"{err}. Restore that file, or delete it to have it recomputed from the dataset "
+                              "(which the checkpoint's fingerprint shows is unchanged)") from None
     if cfg.dataset_name not in stats:
         raise ConfigError(f"config field `dataset_name`: {cfg.dataset_name!r} not in {path} (has {list(stats)})")
-    return stats[cfg.dataset_name]["action"]
+    return stats, computed
 
 
 def unavailable_settings(cfg: RunConfig) -> list[str]:
     """Messages for settings the users' configs carry that this version accepts but does not act on."""
-    notes = []
+    notes = compat_notes(cfg)
     if cfg.merge_lora_during_training:
         notes.append("merge_lora_during_training: true is ignored: merging during training reloads the base "
-                      "model and caused the users' host OOM kills; checkpoints hold the PEFT adapter instead")
-    if cfg.enable_periodic_eval or cfg.early_stopping_patience is not None:
+                      "model and caused the users' host OOM kills; checkpoints hold the PEFT adapter instead, and "
+                      "`steadyvla merge --checkpoint RUN_DIR --out DIR` merges one offline")
+    if cfg.enable_periodic_eval or cfg.early_stopping_enabled or cfg.early_stopping_patience is not None:
         notes.append("enable_periodic_eval / early_stopping_*: periodic evaluation is not available yet; ignored")
     return notes
 
@@ -145,12 +153,31 @@ def _lock_run_dir(run_dir: Path, env: DistEnv) -> RunLock | None:
     """Rank 0 owns the run dir for the life of the run (the other ranks only read it)."""
     if not env.is_main:
         return None
-    run_dir.mkdir(parents=True, exist_ok=True)
+    mkdir_durable(run_dir)  # fsyncs run_root_dir: the new run dir's entry survives a crash
     return RunLock.acquire(run_dir)
+
+
+def _check_resume_inputs(cfg: RunConfig, plan: ResumePlan, inputs: dict, changes: dict,
+                         log: Callable[[str], None]) -> None:
+    """Refuse a resume on changed inputs (before anything is written); note a rebuilt lr schedule
+    in `changes` (what starts.jsonl records)."""
+    icsm_dir = None
+    if cfg.method_enabled:
+        from steadyvla.method.build_icsm import artifact_dir
+
+        icsm_dir = artifact_dir(cfg)
+    check_run_inputs(cfg, plan.checkpoint, plan.state, inputs, icsm_dir)
+    rebuilt = schedule_change(plan.state["scheduler"], plan.state.get("config", {}).get("max_steps"), cfg)
+    if rebuilt is not None:
+        changes[SCHEDULE_REBUILT_RECORD] = rebuilt
+        log(f"lr schedule rebuilt for max_steps {cfg.max_steps} (checkpoint: {rebuilt['max_steps']['checkpoint']}): "
+            f"next lr {rebuilt['next_lr']['now']:.3e} instead of {rebuilt['next_lr']['checkpoint']:.3e}")
 
 
 def _finetune(cfg: RunConfig, env: DistEnv, log: Callable[[str], None], preemption: PreemptionFlag) -> LoopResult:
     run_dir = run_dir_for(cfg)
+    if cfg.vla_path:  # a bad checkpoint dir fails here, before anything is written
+        openvla_source(cfg)
     for note in unavailable_settings(cfg):
         log(note)
     # An existing run dir is locked before it is read, so the plan cannot race a live run; a new one is
@@ -165,38 +192,47 @@ def _finetune(cfg: RunConfig, env: DistEnv, log: Callable[[str], None], preempti
         memory = preflight(cfg, env, log)  # before the run dir is created: a refusal writes nothing
         if lock is None:
             lock = _lock_run_dir(run_dir, env)
-        if lock is not None:
-            lock.announce()
-            apply_rewind(run_dir, plan, log)
-        return _train(cfg, env, log, run_dir, plan, changes, preemption, memory)
+        return _train(cfg, env, log, run_dir, plan, changes, preemption, lock, memory)
     finally:
         if lock is not None:
             lock.release()
 
 
 def _train(cfg: RunConfig, env: DistEnv, log: Callable[[str], None], run_dir: Path, plan: ResumePlan,
-           changes: dict, preemption: PreemptionFlag, memory: Preflight) -> LoopResult:
+           changes: dict, preemption: PreemptionFlag, lock: RunLock | None, memory: Preflight) -> LoopResult:
     """Build model and data, restore the plan's checkpoint, run the loop (the run dir is locked)."""
     source = _main_rank_first(env, lambda: open_training_data(cfg, log))
+    artifacts = probe = None
     if cfg.method_enabled:  # before seeding: building the teacher must not shift the run's RNG
         from steadyvla.method.build_icsm import ensure_icsm, load_probe
 
         probe = load_probe(cfg, source)
         artifacts = _main_rank_first(env, lambda: ensure_icsm(cfg, source, log, probe))
+    inputs = collect_run_inputs(source, artifacts, probe)
+    if plan.checkpoint is not None:
+        _check_resume_inputs(cfg, plan, inputs, changes, log)
+    all_stats, stats_computed = action_statistics(cfg, source, run_dir, resuming=plan.checkpoint is not None)
+    stats = all_stats[cfg.dataset_name]["action"]
     seed_everything(cfg.seed)
     if env.is_main:
         if plan.checkpoint is not None and plan.state.get("world_size", 1) != env.world_size:
             changes["world_size"] = {"checkpoint": plan.state.get("world_size", 1), "now": env.world_size}
             log(f"world size {changes['world_size']['checkpoint']} -> {env.world_size}: the global sample order "
                 "continues where it stopped; the global batch is now batch_size x world size")
+        # only once every check passed: a refused start changes nothing on disk
+        if lock is not None:
+            lock.announce()
+        apply_rewind(run_dir, plan, log)
         record_start(run_dir, cfg, resumed_from=str(plan.checkpoint) if plan.checkpoint else None,
                      resumed_step=plan.step, changes=changes,
                      rewind={"from": plan.rewind_from, "to": plan.checkpoint.name} if plan.rewind_from else None)
-    stats = action_statistics(cfg, source, run_dir, resuming=plan.checkpoint is not None, write=env.is_main)
+        if stats_computed:
+            write_dataset_statistics(run_dir / DATASET_STATISTICS, all_stats)
     device = env.device
 
     tokenizer = load_tokenizer(cfg)
-    action_tokenizer = action_tokenizer_for(tokenizer)
+    spec = model_spec(cfg, tokenizer)
+    action_tokenizer = action_tokenizer_for(tokenizer, spec if cfg.vla_path else None)
     model = wrap_lora(build_vla(cfg, tokenizer, device), cfg)
     if cfg.activation_checkpointing:
         enable_activation_checkpointing(model.get_base_model().language_model)
@@ -215,16 +251,23 @@ def _train(cfg: RunConfig, env: DistEnv, log: Callable[[str], None], run_dir: Pa
         load_into(state, plan.checkpoint, rank=env.rank, log=say)
         if plan.rewind_mark is not None and plan.rewind_mark not in state.rewinds:
             state.rewinds.append(plan.rewind_mark)  # later starts with the same flag must not go back again
+        rebuild_scheduler(scheduler, cfg)
         log(f"restored step {state.global_step}, epoch {state.data_position.epoch}, sample "
             f"{state.data_position.position} of {len(source)}, lr {scheduler.get_last_lr()[0]:.3e}")
     else:
+        if plan.adapter_weights is not None:
+            from steadyvla.checkpoint.legacy import load_adapter_weights
+
+            count = load_adapter_weights(model, plan.adapter_weights, cfg)
+            log(f"loaded {count} LoRA tensors from {plan.adapter_weights}")
         trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
         total = sum(p.numel() for p in model.parameters())
         log(f"fresh start in {run_dir}: {len(source)} frames, {source.num_episodes} episodes; "
             f"LoRA r={cfg.lora_rank}: {trainable:,} trainable of {total:,} parameters")
 
-    dataset = VLADataset(source, PromptBuilder(tokenizer, cfg.prompt_template), action_tokenizer, stats,
-                         ImageTransform(get_preset(cfg.model_preset), cfg.image_aug, cfg.seed))
+    # always OpenVLA's training prompt: `prompt_template` is the method's probe prompt (DESIGN.md §6)
+    dataset = VLADataset(source, PromptBuilder(tokenizer), action_tokenizer, stats,
+                         ImageTransform(spec, cfg.image_aug, cfg.seed))
     sampler = ResumableBatchSampler(len(dataset), cfg.batch_size, seed=cfg.seed, rank=env.rank,
                                     world_size=env.world_size, start=state.data_position)
     loader = DataLoader(dataset, batch_sampler=sampler, num_workers=cfg.num_workers,
@@ -235,7 +278,11 @@ def _train(cfg: RunConfig, env: DistEnv, log: Callable[[str], None], run_dir: Pa
                         worker_init_fn=ignore_preemption_signals if cfg.num_workers > 0 else None)
     logger = MetricsLogger(run_dir, resume_step=state.global_step, enabled=env.is_main)
     logger.load_state_dict(state.metrics_state)
-    checkpointer = TrainerCheckpointer(run_dir, cfg, log, env)
+    if cfg.use_wandb and env.is_main:
+        from steadyvla.train.wandb_log import WandbTracker
+
+        logger.tracker = WandbTracker(run_dir, cfg, log)
+    checkpointer = TrainerCheckpointer(run_dir, cfg, log, env, inputs)
     try:
         result = run_loop(cfg, state, iter(loader), sampler, action_tokenizer, logger, checkpointer, preemption,
                           env, train_model, log, memory_estimate=memory.estimate)

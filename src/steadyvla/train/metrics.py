@@ -63,6 +63,7 @@ class MetricsLogger:
         self.bad_evals = 0  # early-stopping counter
         self._file = None  # stays None on ranks other than 0: they keep state but write nothing
         self._tb = None
+        self.tracker = None  # e.g. a WandbTracker: gets every logged row too
         if not enabled:
             return
         kept = [r for r in read_metrics(self.path) if int(r.get("step", 0)) <= resume_step]
@@ -85,6 +86,8 @@ class MetricsLogger:
         if self._tb is not None:
             for key, value in metrics.items():
                 self._tb.add_scalar(key, value, step)
+        if self.tracker is not None:
+            self.tracker.log(step, metrics)
 
     def sync(self) -> None:
         """Make everything logged so far durable (called before a checkpoint is taken)."""
@@ -104,6 +107,8 @@ class MetricsLogger:
         self.bad_evals = int(state.get("bad_evals", 0))
 
     def close(self) -> None:
+        if self.tracker is not None:
+            self.tracker.close()
         if self._file is not None:
             self._file.close()
         if self._tb is not None:

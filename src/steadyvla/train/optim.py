@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import torch
 from torch.optim.lr_scheduler import LambdaLR
@@ -34,3 +35,30 @@ def lr_multiplier(step: int, cfg: RunConfig) -> float:
 def build_scheduler(optimizer: torch.optim.Optimizer, cfg: RunConfig) -> LambdaLR:
     """LambdaLR over `lr_multiplier`; its state_dict is plain JSON (the lambda is not stored)."""
     return LambdaLR(optimizer, lambda step: lr_multiplier(step, cfg))
+
+
+def _current_lrs(base_lrs: list[float], step: int, cfg: RunConfig) -> list[float]:
+    # the same expression LambdaLR evaluates, so an unchanged schedule yields the same floats
+    return [base * lr_multiplier(step, cfg) for base in base_lrs]
+
+
+def schedule_change(stored_scheduler: dict[str, Any], stored_max_steps: int | None, cfg: RunConfig) -> dict | None:
+    """How the restored schedule's next learning rate changes under this config (a new `max_steps`
+    under cosine), for starts.jsonl; None when the checkpoint's schedule already gives the same lr."""
+    step = int(stored_scheduler["last_epoch"])
+    was = list(stored_scheduler["_last_lr"])
+    now = _current_lrs(stored_scheduler["base_lrs"], step, cfg)
+    if was == now:
+        return None
+    return {"max_steps": {"checkpoint": stored_max_steps, "now": cfg.max_steps}, "at_step": step,
+            "next_lr": {"checkpoint": was[0], "now": now[0]}}
+
+
+def rebuild_scheduler(scheduler: LambdaLR, cfg: RunConfig) -> None:
+    """After loading a checkpoint: re-derive the lr of the next step from `cfg`, so a changed
+    `max_steps` applies from the first resumed step (the restored lr was computed for the old
+    horizon and LambdaLR would use it for one more step). A no-op when nothing changed."""
+    lrs = _current_lrs(scheduler.base_lrs, scheduler.last_epoch, cfg)
+    for group, lr in zip(scheduler.optimizer.param_groups, lrs, strict=True):
+        group["lr"] = lr
+    scheduler._last_lr = lrs

@@ -11,9 +11,15 @@ from pathlib import Path
 from typing import Any, Callable
 
 from steadyvla.checkpoint.layout import CHECKPOINTS_DIR, TRAINER_STATE_JSON
+from steadyvla.checkpoint.legacy import (
+    LEGACY_TRAINER_STATE, check_adapter_config, is_legacy_adapter_dir, read_adapter_weights,
+)
 from steadyvla.checkpoint.manager import CheckpointError, CheckpointManager
-from steadyvla.config import RESUME_CRITICAL_FIELDS, ConfigError, RunConfig
+from steadyvla.config import ConfigError, RunConfig, critical_values
 from steadyvla.train.checkpointing import REWINDS_KEY
+
+# starts.jsonl `changed_fields` entry when resume_step_override accepted another resume_global_step
+STEP_OVERRIDE_RECORD = "resume_global_step_ignored"
 
 
 @dataclass(frozen=True)
@@ -28,6 +34,7 @@ class ResumePlan:
     state: dict[str, Any]
     rewind_mark: str | None = None
     rewind_from: str | None = None
+    adapter_weights: Path | None = None  # an old PEFT adapter dir: LoRA weights only, the rest fresh
 
     @property
     def step(self) -> int:
@@ -50,6 +57,13 @@ def plan_resume(cfg: RunConfig, run_dir: Path, log: Callable[[str], None]) -> Re
     """Apply `resume` / `resume_adapter_dir` / `resume_rewind` / `resume_global_step` (DESIGN.md §5)."""
     explicit = cfg.resume_adapter_dir or (cfg.resume if cfg.resume not in ("auto", "never") else None)
     manager = CheckpointManager(run_dir, log=log)
+    if cfg.resume_adapter_dir and is_legacy_adapter_dir(Path(cfg.resume_adapter_dir)):
+        if manager.resolve_latest() is None:
+            return _legacy_adapter_plan(cfg, Path(cfg.resume_adapter_dir), log)
+        # the adapter was this run's starting point; the run went on from it (then was preempted)
+        log(f"resume_adapter_dir {cfg.resume_adapter_dir} (an old PEFT adapter) was only this run's starting point: "
+            f"{run_dir} already holds checkpoints of the run, so it continues from the newest one")
+        explicit = None
     if explicit:
         field = "resume_adapter_dir" if cfg.resume_adapter_dir else "resume"
         try:
@@ -75,8 +89,23 @@ def plan_resume(cfg: RunConfig, run_dir: Path, log: Callable[[str], None]) -> Re
             return ResumePlan(None, {})
         log(f"resume: auto — continuing from {ckpt}")
         plan = ResumePlan(ckpt, read_trainer_state(ckpt))
-    check_resume_step(cfg, plan)
+    if step_mismatch(cfg, plan):
+        check_resume_step(cfg, plan)
+        log(f"resume_global_step {cfg.resume_global_step} ignored (resume_step_override: true): continuing from "
+            f"the checkpoint's own step {plan.step}")
     return plan
+
+
+def _legacy_adapter_plan(cfg: RunConfig, adapter_dir: Path, log: Callable[[str], None]) -> ResumePlan:
+    check_adapter_config(adapter_dir, cfg)  # refused here, before anything is written
+    read_adapter_weights(adapter_dir)
+    log(f"resume_adapter_dir {adapter_dir} is a PEFT adapter from an older script, not a steadyvla checkpoint: "
+        "its LoRA weights are loaded; the optimizer, the LR schedule, the step count and the data position "
+        "start fresh")
+    if (adapter_dir / LEGACY_TRAINER_STATE).exists():
+        log(f"{adapter_dir / LEGACY_TRAINER_STATE} is not read here; `steadyvla ckpt import-legacy` converts it "
+            "into a checkpoint that restores the optimizer and scheduler too")
+    return ResumePlan(None, {}, adapter_weights=adapter_dir)
 
 
 def _nothing_verifies(run_dir: Path, skipped: list[str]) -> str:
@@ -138,16 +167,21 @@ def apply_rewind(run_dir: Path, plan: ResumePlan, log: Callable[[str], None]) ->
     log(f"`latest` now names {plan.checkpoint.name} (was {plan.rewind_from})")
 
 
+def step_mismatch(cfg: RunConfig, plan: ResumePlan) -> bool:
+    """True if `resume_global_step` names a step other than the checkpoint's (0/null name none)."""
+    return plan.checkpoint is not None and cfg.resume_global_step not in (None, 0, plan.step)
+
+
 def check_resume_step(cfg: RunConfig, plan: ResumePlan) -> None:
-    """`resume_global_step`: 0/null -> the stored step; another value must match (or be overridden)."""
-    wanted = cfg.resume_global_step
-    if wanted in (None, 0) or wanted == plan.step:
-        return
-    if cfg.resume_step_override:
+    """`resume_global_step` must match the stored step unless `resume_step_override` accepts the
+    mismatch. The step is never forced: step, schedule, data position and RNG always come from the
+    checkpoint, because a step counter that disagrees with them would make a different run."""
+    if not step_mismatch(cfg, plan) or cfg.resume_step_override:
         return
     raise ConfigError(
-        f"config field `resume_global_step`: {wanted}, but checkpoint {plan.checkpoint} is at step {plan.step}; "
-        "set it to 0 or null to use the stored step, or pass --resume_step_override true to force it"
+        f"config field `resume_global_step`: {cfg.resume_global_step}, but checkpoint {plan.checkpoint} is at "
+        f"step {plan.step}; set it to 0 or null to continue from the stored step, or pass "
+        f"--resume_step_override true to accept the mismatch (the run still continues from step {plan.step})"
     )
 
 
@@ -157,11 +191,15 @@ def config_changes(cfg: RunConfig, plan: ResumePlan) -> dict[str, Any]:
         return {}
     stored = plan.state.get("config", {})
     current = cfg.to_dict()
-    critical = [k for k in RESUME_CRITICAL_FIELDS if k in stored and stored[k] != current[k]]
+    was, now = critical_values(stored), critical_values(current)
+    critical = [k for k in now if k in was and was[k] != now[k]]
     if critical:
-        details = "; ".join(f"`{k}`: checkpoint {stored[k]!r}, now {current[k]!r}" for k in critical)
+        details = "; ".join(f"`{k}`: checkpoint {was[k]!r}, now {now[k]!r}" for k in critical)
         raise ConfigError(
             f"config differs from checkpoint {plan.checkpoint} in fields that would make the resumed run wrong: "
             f"{details}. Use the checkpoint's values, or start a new run (another run_id / run_id_note)"
         )
-    return {k: {"checkpoint": stored[k], "now": current[k]} for k in current if k in stored and stored[k] != current[k]}
+    changes = {k: {"checkpoint": stored[k], "now": current[k]} for k in current if k in stored and stored[k] != current[k]}
+    if step_mismatch(cfg, plan):
+        changes[STEP_OVERRIDE_RECORD] = {"requested": cfg.resume_global_step, "continued_at": plan.step}
+    return changes

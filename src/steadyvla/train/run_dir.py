@@ -9,7 +9,7 @@ import traceback
 from pathlib import Path
 from typing import Any
 
-from steadyvla.checkpoint.atomic import atomic_write_text
+from steadyvla.checkpoint.atomic import atomic_write_text, mkdir_durable
 from steadyvla.checkpoint.layout import CONFIG_YAML, ERROR_LOG, STARTS_JSONL
 from steadyvla.config import RunConfig, dump_config
 from steadyvla.versions import library_versions
@@ -41,7 +41,7 @@ def run_dir_for(cfg: RunConfig) -> Path:
 def record_start(run_dir: Path, cfg: RunConfig, *, resumed_from: str | None, resumed_step: int,
                  changes: dict[str, Any], rewind: dict[str, str] | None = None) -> None:
     """Write config.yaml on the first start; append this start to starts.jsonl."""
-    run_dir.mkdir(parents=True, exist_ok=True)
+    mkdir_durable(run_dir)  # fsyncs run_root_dir: the new run dir's entry survives a crash
     if not (run_dir / CONFIG_YAML).exists():
         atomic_write_text(run_dir / CONFIG_YAML, dump_config(cfg))
     entry = {

@@ -1,0 +1,159 @@
+"""The users' launcher interface (scripts/run_method_train.sh, scripts/run_baseline_lora.sh).
+
+    run_method_train.sh [NPROC|auto] [TARGET_STEPS] [SAVE_STEPS] [EVAL_EVERY] [PATIENCE] [--key value ...]
+
+Environment overrides as in their scripts: SERVER_PROFILE (else the YAML's `server_profile`),
+BATCH_SIZE, GRAD_ACCUM, PROBE_BATCH_SIZE, THERMO_UPDATE, THERMO_WARMUP (method only), RESUME_ADAPTER,
+RESUME_STEP, CLEAN_STALE_GPU_PROCS; CONFIG picks the YAML. Every one that is set must be understood:
+a bad value is an error (exit 2), never ignored. `--key value` after the positionals win over all
+of it. STEADYVLA_DRY_RUN=1 prints the command instead of running it.
+"""
+
+from __future__ import annotations
+
+import os
+import shlex
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import yaml
+
+REPO = Path(__file__).resolve().parents[2]
+EXIT_USAGE = 2
+
+
+@dataclass(frozen=True)
+class Profile:
+    nproc: int
+    batch_size: int
+    grad_accumulation_steps: int
+
+
+SERVER_PROFILES = {"4090_1gpu": Profile(1, 2, 4), "v100_8gpu": Profile(8, 1, 8)}
+DEFAULT_CONFIGS = {"method": "configs/method_icsm_hsw_thermostat.yaml", "baseline": "configs/baseline_lora.yaml"}
+POSITIONALS = (("TARGET_STEPS", "max_steps"), ("SAVE_STEPS", "save_steps"), ("EVAL_EVERY", "eval_every_steps"),
+               ("PATIENCE", "early_stopping_patience"))
+ENV_INT_KEYS = {"BATCH_SIZE": "batch_size", "GRAD_ACCUM": "grad_accumulation_steps", "RESUME_STEP": "resume_global_step"}
+METHOD_ENV_INT_KEYS = {"PROBE_BATCH_SIZE": "probe_batch_size", "THERMO_UPDATE": "thermostat_update_interval",
+                       "THERMO_WARMUP": "thermostat_warmup_steps"}
+PROBE_BATCH_DEFAULT = 4  # their launcher's default
+
+
+class LaunchError(ValueError):
+    """A launcher argument or environment value is not understood (names it, its value, what is valid)."""
+
+
+def _int(name: str, raw: str, minimum: int) -> int:
+    try:
+        value = int(raw)
+    except ValueError:
+        value = minimum - 1
+    if value < minimum:
+        raise LaunchError(f"{name}={raw!r}: expected an integer >= {minimum}")
+    return value
+
+
+def _gpu_count() -> int:
+    import torch
+
+    return torch.cuda.device_count() if torch.cuda.is_available() else 0
+
+
+def _profile(env: dict[str, str], config: Path) -> tuple[str, Profile] | None:
+    name = env.get("SERVER_PROFILE")
+    source = "SERVER_PROFILE"
+    if not name:
+        name = (yaml.safe_load(config.read_text()) or {}).get("server_profile")
+        source = f"{config}: server_profile"
+    if not name:
+        return None
+    if name not in SERVER_PROFILES:
+        raise LaunchError(f"{source}={name!r}: not a known profile; valid: {', '.join(SERVER_PROFILES)}")
+    return name, SERVER_PROFILES[name]
+
+
+def build_command(kind: str, argv: list[str], env: dict[str, str]) -> tuple[list[str], list[str]]:
+    """(command, notes) for `kind` (method | baseline) from the launcher's arguments and environment."""
+    split = next((i for i, a in enumerate(argv) if a.startswith("--")), len(argv))
+    positionals, extra = argv[:split], argv[split:]
+    if len(positionals) > 1 + len(POSITIONALS):
+        raise LaunchError(f"too many positional arguments {positionals}; expected [NPROC|auto] "
+                          + " ".join(f"[{name}]" for name, _ in POSITIONALS) + " [--key value ...]")
+    config = Path(env.get("CONFIG") or REPO / DEFAULT_CONFIGS[kind])
+    if not config.is_file():
+        raise LaunchError(f"CONFIG={str(config)!r}: file not found")
+    notes: list[str] = []
+    profile = _profile(env, config)
+    overrides: dict[str, object] = {}
+    if profile:
+        overrides.update(batch_size=profile[1].batch_size, grad_accumulation_steps=profile[1].grad_accumulation_steps)
+        notes.append(f"server profile {profile[0]}: {profile[1].nproc} process(es), batch {profile[1].batch_size}, "
+                     f"accumulation {profile[1].grad_accumulation_steps}")
+    int_keys = dict(ENV_INT_KEYS, **(METHOD_ENV_INT_KEYS if kind == "method" else {}))
+    for name, key in int_keys.items():
+        if env.get(name):
+            overrides[key] = _int(name, env[name], 0 if name in ("RESUME_STEP", "THERMO_WARMUP") else 1)
+    for name in METHOD_ENV_INT_KEYS:
+        if kind != "method" and env.get(name):
+            raise LaunchError(f"{name}={env[name]!r}: the baseline has no probe or Thermostat; unset it or use "
+                              "scripts/run_method_train.sh")
+    if kind == "method":
+        overrides.setdefault("probe_batch_size", PROBE_BATCH_DEFAULT)
+    if env.get("RESUME_ADAPTER"):
+        overrides["resume_adapter_dir"] = env["RESUME_ADAPTER"]
+    clean = env.get("CLEAN_STALE_GPU_PROCS")
+    if clean not in (None, "", "0", "1"):
+        raise LaunchError(f"CLEAN_STALE_GPU_PROCS={clean!r}: expected 0 or 1")
+    if clean == "1":
+        notes.append("CLEAN_STALE_GPU_PROCS=1: nothing to clean; a run dir is owned by one process at a time and a "
+                     "second start is refused naming the owner")
+    nproc_arg = positionals[0] if positionals else None
+    if nproc_arg is None and profile:
+        nproc = profile[1].nproc
+    elif nproc_arg in (None, "auto"):
+        nproc = max(1, _gpu_count())
+    else:
+        nproc = _int("NPROC", nproc_arg, 1)
+    for (name, key), raw in zip(POSITIONALS, positionals[1:]):
+        overrides[key] = _int(name, raw, 1)
+    overrides.update(enable_periodic_eval=True, early_stopping_enabled=True)
+    flags = [part for key, value in overrides.items() for part in (f"--{key}", _yaml_scalar(value))]
+    verb = ["-m", "steadyvla.cli", "finetune", "--config", str(config), *flags, *extra]
+    if nproc > 1:
+        return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nnodes", "1",
+                "--nproc_per_node", str(nproc), *verb], notes
+    return [sys.executable, *verb], notes
+
+
+def _yaml_scalar(value: object) -> str:
+    return "true" if value is True else "false" if value is False else str(value)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`python -m steadyvla.launch method|baseline ARGS...`: run (or with STEADYVLA_DRY_RUN=1 print) it."""
+    argv = sys.argv[1:] if argv is None else argv
+    if not argv or argv[0] not in DEFAULT_CONFIGS:
+        print(f"usage: python -m steadyvla.launch {{{'|'.join(DEFAULT_CONFIGS)}}} [NPROC|auto] "
+              "[TARGET_STEPS] [SAVE_STEPS] [EVAL_EVERY] [PATIENCE] [--key value ...]", file=sys.stderr)
+        return EXIT_USAGE
+    try:
+        command, notes = build_command(argv[0], argv[1:], dict(os.environ))
+    except LaunchError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return EXIT_USAGE
+    dry_run = os.environ.get("STEADYVLA_DRY_RUN", "")
+    if dry_run not in ("", "0", "1"):
+        print(f"error: STEADYVLA_DRY_RUN={dry_run!r}: expected 0 or 1", file=sys.stderr)
+        return EXIT_USAGE
+    for note in notes:
+        print(f"[steadyvla] {note}", flush=True)
+    if dry_run == "1":
+        print(shlex.join(command))
+        return 0
+    os.execv(command[0], command)
+    return 0  # not reached
+
+
+if __name__ == "__main__":
+    sys.exit(main())
