@@ -1,8 +1,8 @@
 """`steadyvla doctor --config X`: the users' pre-resume checklist, automated.
 
-Will the run fit in GPU and host memory (the preflight), what would be resumed, is it complete (manifest verified), is its step aligned with
-`save_steps`, does the config match it, where does the log stand (step, lr, loss), and is there
-disk space for the next save. Read-only: it never writes into the run dir.
+Will the run fit in GPU and host memory (the preflight), what would be resumed, is it complete
+(manifest verified), is its step aligned with `save_steps`, does the config match it, where does the
+log stand (step, lr, loss), and is there disk space for the next save. Read-only: it never writes into the run dir.
 """
 
 from __future__ import annotations
