@@ -151,6 +151,9 @@ class RunConfig:
     weight_decay: float = 0.0
     max_grad_norm: float | None = 1.0
     seed: int = 7
+    # --- memory (steadyvla memory; preflight before the first step)
+    activation_checkpointing: bool = False  # recompute LLM layer activations in backward: far less GPU memory
+    force: bool = False  # start even when the memory preflight says the run will not fit
     # --- LoRA
     use_lora: bool = True
     lora_rank: int = 32

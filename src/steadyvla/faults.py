@@ -2,7 +2,8 @@
 
 Used by the resume tests to fail at moments a random kill rarely hits (e.g. half-way through writing a
 checkpoint). Actions: none (SIGKILL the process), `enospc` (raise "No space left on device" every time
-the point is reached), `enospc-once` (only the first time, so a retry succeeds). Unset in normal runs,
+the point is reached), `enospc-once` (only the first time, so a retry succeeds), `oom` (raise
+torch.OutOfMemoryError, as a CUDA allocation failure would). Unset in normal runs,
 where `fault_point` is a dictionary lookup.
 """
 
@@ -26,8 +27,12 @@ def fault_point(name: str, step: int) -> None:
         return
     if not action:
         os.kill(os.getpid(), signal.SIGKILL)
+    if action == "oom":
+        import torch
+
+        raise torch.OutOfMemoryError(f"CUDA out of memory (injected by {FAULT_ENV})")
     if action not in ("enospc", "enospc-once"):
-        raise ValueError(f"{FAULT_ENV}={spec!r}: unknown action {action!r} (none, enospc, enospc-once)")
+        raise ValueError(f"{FAULT_ENV}={spec!r}: unknown action {action!r} (none, enospc, enospc-once, oom)")
     if action == "enospc-once" and point in _fired:
         return
     _fired.add(point)
