@@ -175,6 +175,9 @@ class RunConfig:
     resume_step_override: bool = False
     resume_rewind: bool = False  # go back to an explicit target older than the run's newest checkpoint
     resume_full_model_dir: str | None = None
+    # --- launchers (scripts/run_*.sh supervise the run)
+    restart_on_failure: int = 0  # relaunch with resume: auto after a crash / kill, up to N times
+    restart_backoff_s: float = 10.0  # wait before restart k: backoff * 2^(k-1) seconds, at most 300
     # --- full training (FSDP/DDP; `steadyvla train`)
     pretrained_checkpoint: str | None = None
     is_resume: bool = False
@@ -311,7 +314,8 @@ def _validate(cfg: RunConfig) -> None:
     for key in positive:
         if getattr(cfg, key) < 1:
             raise ConfigError(f"config field `{key}`: {getattr(cfg, key)} must be >= 1")
-    for key in ("lr_warmup_steps", "num_workers", "thermostat_warmup_steps", "demo_episodes_per_task"):
+    for key in ("lr_warmup_steps", "num_workers", "thermostat_warmup_steps", "demo_episodes_per_task",
+                "restart_on_failure", "restart_backoff_s"):
         if getattr(cfg, key) < 0:
             raise ConfigError(f"config field `{key}`: {getattr(cfg, key)} must be >= 0")
     if not 0.0 <= cfg.lora_dropout < 1.0:
