@@ -17,12 +17,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from steadyvla.checkpoint.layout import METRICS_JSONL
+from steadyvla.memory_runtime import GPU_PEAK_ALLOC, GPU_PEAK_RESERVED, HOST_PEAK_RSS, HOST_RSS
 
 CGROUP_ROOT = Path("/sys/fs/cgroup")
 MEMORY_ERROR_PATTERNS = ("MemoryError", "Cannot allocate memory", "can't allocate memory", "CUDA out of memory",
                          "OutOfMemoryError", "out of memory")
 # metrics.jsonl keys with memory numbers (written by the runtime memory tracking)
-MEMORY_METRICS = ("host_rss_gib", "host_peak_rss_gib", "gpu_peak_alloc_gib", "gpu_peak_reserved_gib")
+MEMORY_METRICS = (HOST_RSS, HOST_PEAK_RSS, GPU_PEAK_ALLOC, GPU_PEAK_RESERVED)
 _TORCHRUN_RANK = re.compile(r"rank\s*:\s*(\d+)")
 _TORCHRUN_EXIT = re.compile(r"exitcode\s*:\s*(-?\d+)\s*\(pid:\s*(\d+)\)")
 GIB = 1024**3

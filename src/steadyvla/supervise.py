@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Callable
 
 from steadyvla.diagnose import (
-    GIB, Evidence, Failure, is_out_of_memory, kernel_oom_lines, last_memory_metrics, memory_error_line,
+    GIB, MEMORY_METRICS, Evidence, Failure, is_out_of_memory, kernel_oom_lines, last_memory_metrics, memory_error_line,
     read_cgroup_memory, torchrun_failures,
 )
 
@@ -65,8 +65,7 @@ def explain(ev: Evidence, resume_command: str) -> str:
                      "kubectl delete)")
     if ev.last_metrics:
         m = ev.last_metrics
-        parts = [f"{k} {m[k]}" for k in ("host_rss_gib", "host_peak_rss_gib", "gpu_peak_alloc_gib",
-                                          "gpu_peak_reserved_gib") if k in m]
+        parts = [f"{k} {m[k]}" for k in MEMORY_METRICS if k in m]
         lines.append(f"last logged memory (step {m.get('step', '?')}): " + ", ".join(parts))
     if oom or any(f.signal_name == "SIGKILL" for f in ev.failures):
         lines.append("to use less memory: " + "; ".join(MEMORY_KNOBS) + ". `steadyvla memory --config ...` "
