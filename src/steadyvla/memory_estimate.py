@@ -9,7 +9,10 @@ s = sequence length = num_patches + PROMPT_TOKENS, h/i/L/V = LLM hidden/intermed
   trainable × 4 × 4 (PEFT keeps adapters in float32).  Under FSDP all of it is divided by the
   world size (`fsdp=True`; the parameter exists for full training, LoRA DDP does not shard).
 - activations kept for backward, per LLM layer and token: (10·h + 4·i) × e (norm in/out, q, k, v,
-  rotary q/k, attention out, o_proj in, residual; gate, up, silu, product); with activation
+  rotary q/k, attention out, o_proj in, residual; gate, up, silu, product), plus, when the base is
+  bf16/fp16, the float32 copy of each adapted linear layer's input that PEFT's float32 adapters keep
+  for their backward: (6·h + i) × 4 (q, k, v, o, gate, up: h each; down: i) — without it the
+  estimate was 21 % low at micro-batch 16 on an H100 (docs/PERFORMANCE.md); with activation
   checkpointing only the layer input (h × e) per layer plus one layer recomputed in full.
   Vision towers (their LoRA adapters train, so they keep activations too): (8·d + 2·m) × e per
   block and token (d = width, m = MLP width), for the blocks up to the second-to-last.
@@ -127,11 +130,13 @@ def model_shape(cfg: RunConfig) -> ModelShape:
 
 
 def _activations(shape: ModelShape, batch: int, seq: int, e: int, checkpointing: bool) -> int:
-    per_layer = 10 * shape.hidden + 4 * shape.intermediate
+    per_layer = (10 * shape.hidden + 4 * shape.intermediate) * e
+    if e < LORA_BYTES:  # PEFT casts each adapted layer's input to its float32 adapters and keeps it
+        per_layer += (6 * shape.hidden + shape.intermediate) * LORA_BYTES
     if checkpointing:
-        llm = batch * seq * e * (shape.layers * shape.hidden + per_layer)
+        llm = batch * seq * (shape.layers * shape.hidden * e + per_layer)
     else:
-        llm = batch * seq * e * shape.layers * per_layer
+        llm = batch * seq * shape.layers * per_layer
     vision = sum(batch * t.tokens * t.blocks * (8 * t.width + 2 * t.mlp_width) * e for t in shape.towers)
     logits = batch * seq * shape.vocab * (2 * e + 8)
     return llm + vision + logits
