@@ -133,6 +133,13 @@ def make_env(metaworld: Any, task: str) -> Any:
 
 def import_metaworld(backend: str) -> Any:
     """Import mujoco (loading the GL backend) and metaworld; missing pieces are explained."""
+    # triton (imported by torch._dynamo, which torchvision, timm and transformers load lazily)
+    # segfaults when loaded after mujoco's OSMesa GL (torch 2.13 + mujoco 3 here); the other order
+    # is fine, so load it first.
+    try:
+        importlib.import_module("torch._dynamo")
+    except ImportError:
+        pass
     try:
         importlib.import_module("mujoco")  # loads the GL backend named by MUJOCO_GL
     except ModuleNotFoundError as e:
