@@ -119,15 +119,23 @@ def run_eval(req: EvalRequest, log=print, source: ActionSource | None = None) ->
 
     `source` replaces the model (tests: a scripted expert); then `req.out` names the output.
     """
-    from steadyvla.eval.policy import check_action_dims, load_eval_target, vla_action_source
+    from steadyvla.eval.policy import check_action_dims, load_checkpoint_target, load_openvla_target, \
+        vla_action_source
     from steadyvla.sim.metaworld import select_gl_backend
 
     check_request(req, needs_model=source is None)
+    checkpoint = req.checkpoint
+    if source is None and checkpoint is not None:  # fail fast, before the model stack loads
+        from steadyvla.eval.inputs import resolve_checkpoint, run_statistics
+
+        checkpoint = resolve_checkpoint(checkpoint)  # verified once; a named checkpoint resolves to itself
+        run_statistics(checkpoint)
     settings: dict[str, Any] = {"checkpoint": str(req.checkpoint) if req.checkpoint else None,
                                 "vla_path": str(req.vla_path) if req.vla_path else None}
     out, run_size = req.out, None
     if source is None:
-        target = load_eval_target(req.checkpoint, req.vla_path, req.unnorm_key, req.device)
+        target = load_checkpoint_target(checkpoint, req.vla_path, req.unnorm_key, req.device) if checkpoint \
+            else load_openvla_target(req.vla_path, req.unnorm_key, req.device)
         check_action_dims(target, METAWORLD_ACTION_DIMS)
         source, run_size = vla_action_source(target), target.demo_image_size
         out = out or default_results_path(target.run_dir, target.global_step)

@@ -13,10 +13,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from steadyvla.checkpoint.layout import DATASET_STATISTICS, TRAINER_STATE_JSON
-from steadyvla.checkpoint.manager import CheckpointManager
+from steadyvla.checkpoint.layout import TRAINER_STATE_JSON
 from steadyvla.config import ConfigError
-from steadyvla.data.stats import load_dataset_statistics
+from steadyvla.eval.inputs import resolve_checkpoint, run_statistics
 from steadyvla.eval.rollout import ActionSource
 from steadyvla.model.bundle import VLABundle, load_vla
 from steadyvla.predict import action_stats, predict_action
@@ -32,24 +31,6 @@ class EvalTarget:
     run_dir: Path | None = None
     global_step: int | None = None
     demo_image_size: int | None = None  # the run's demo image size, when it came from a run
-
-
-def resolve_checkpoint(checkpoint: Path) -> Path:
-    """The checkpoint dir named by `--checkpoint` (a run dir -> its newest complete checkpoint)."""
-    try:
-        return CheckpointManager(Path(checkpoint), log=lambda _m: None).resolve_explicit(Path(checkpoint))
-    except Exception as err:  # CheckpointError or an unreadable dir: one line for the user
-        raise ConfigError(f"--checkpoint: {err}") from err
-
-
-def run_statistics(ckpt: Path) -> tuple[Path, dict]:
-    """The run dir of `ckpt` and its dataset_statistics.json (required to un-normalise actions)."""
-    run_dir = ckpt.parent.parent
-    path = run_dir / DATASET_STATISTICS
-    if not path.is_file():
-        raise ConfigError(f"--checkpoint: {path} is missing; the run dir of {ckpt} must hold the "
-                          f"{DATASET_STATISTICS} its training wrote (actions are un-normalised with it)")
-    return run_dir, load_dataset_statistics(path)
 
 
 def _load_adapted(ckpt: Path, vla_path: Path | None, device: str) -> tuple[VLABundle, object]:
@@ -75,19 +56,20 @@ def _load_adapted(ckpt: Path, vla_path: Path | None, device: str) -> tuple[VLABu
     return bundle, cfg
 
 
-def load_eval_target(checkpoint: Path | None, vla_path: Path | None, unnorm_key: str | None,
-                     device: str = "cpu") -> EvalTarget:
-    """Load what `--checkpoint` / `--vla_path` name; errors name the flag and the file."""
-    if checkpoint is None:
-        if vla_path is None:
-            raise ConfigError("--checkpoint: required (a checkpoint or run dir), or --vla_path DIR to "
-                              "evaluate a plain OpenVLA directory")
-        try:
-            bundle = load_vla(vla_path, device=device)
-        except ConfigError as err:
-            raise ConfigError(f"--vla_path: {err}") from err
-        action_stats(bundle.norm_stats, unnorm_key)  # checks the key before any rollout
-        return EvalTarget(bundle, unnorm_key or next(iter(bundle.norm_stats)))
+def load_openvla_target(vla_path: Path, unnorm_key: str | None, device: str = "cpu") -> EvalTarget:
+    """A plain OpenVLA directory (`--vla_path` alone); `unnorm_key` picks its statistics."""
+    try:
+        bundle = load_vla(vla_path, device=device)
+    except ConfigError as err:
+        raise ConfigError(f"--vla_path: {err}") from err
+    action_stats(bundle.norm_stats, unnorm_key)  # checks the key before any rollout
+    return EvalTarget(bundle, unnorm_key or next(iter(bundle.norm_stats)))
+
+
+def load_checkpoint_target(checkpoint: Path, vla_path: Path | None, unnorm_key: str | None,
+                           device: str = "cpu") -> EvalTarget:
+    """A LoRA checkpoint (or a run dir's newest) merged into the base its run trained from;
+    actions are un-normalised with the run's statistics (default key: its `dataset_name`)."""
     ckpt = resolve_checkpoint(checkpoint)
     run_dir, stats = run_statistics(ckpt)
     bundle, cfg = _load_adapted(ckpt, vla_path, device)
