@@ -84,6 +84,10 @@ def test_scripted_expert_succeeds_and_batching_does_not_change_results(tmp_path)
 def test_same_seed_same_actions_and_results(run_dir):
     target = load_checkpoint_target(run_dir, None, None)
     assert target.global_step == 2 and target.unnorm_key == "synth" and target.demo_image_size == 32
+    # decoded with the bins the preset run trained on (the tokenizer's vocab_size, not OpenVLA's rule)
+    from steadyvla.model.build import action_tokenizer_for
+
+    assert target.bundle.action_tokenizer.vocab_end == action_tokenizer_for(target.bundle.tokenizer).vocab_end
     runs = []
     for _ in range(2):
         actions = []
