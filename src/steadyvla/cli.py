@@ -1,4 +1,4 @@
-"""`steadyvla <verb>`: finetune, predict, merge, eval, data (demo|inspect|stats), ckpt (ls|verify|import-legacy), doctor.
+"""`steadyvla <verb>`: finetune, predict, merge, eval, data, ckpt (ls|verify|import-legacy), doctor, memory.
 
 Every user error ends with one `error:` line naming the field, the value and what would be valid,
 and exit status 2; nothing on disk is touched before the config and resume target are checked. Any
@@ -21,7 +21,7 @@ from steadyvla.config_compat import translate_icsm_options
 EXIT_FAILURE = 1
 EXIT_USAGE = 2
 DEBUG_FLAG = "--debug"
-VERBS_WITH_OVERRIDES = ("finetune", "doctor", "icsm")
+VERBS_WITH_OVERRIDES = ("finetune", "doctor", "icsm", "memory")
 
 
 def _config_from(args: argparse.Namespace, extra: list[str]):
@@ -49,6 +49,12 @@ def cmd_doctor(args: argparse.Namespace, extra: list[str]) -> int:
     from steadyvla.doctor import run_doctor
 
     return run_doctor(_config_from(args, extra))
+
+
+def cmd_memory(args: argparse.Namespace, extra: list[str]) -> int:
+    from steadyvla.memory_report import print_preflight
+
+    return print_preflight(_config_from(args, extra))
 
 
 def cmd_data(args: argparse.Namespace, extra: list[str]) -> int:
@@ -145,7 +151,8 @@ def build_parser() -> argparse.ArgumentParser:
                                      epilog=f"{DEBUG_FLAG} (anywhere): print the full traceback of a failure")
     verbs = parser.add_subparsers(dest="verb", required=True)
     for name, helptext in (("finetune", "LoRA fine-tuning (baseline or method); resumes automatically"),
-                           ("doctor", "pre-resume checklist: what would resume, is it complete, does the config match")):
+                           ("doctor", "pre-resume checklist: what would resume, is it complete, does the config match"),
+                           ("memory", "memory preflight: estimated peak GPU and host memory against what is there")):
         p = verbs.add_parser(name, help=helptext, description=f"{helptext}. Any config key can be overridden with "
                              "`--key value` (values read as YAML: true, false, null, numbers).")
         p.add_argument("--config", required=True, help="YAML config with flat keys (see configs/)")
@@ -192,7 +199,8 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-COMMANDS = {"finetune": cmd_finetune, "predict": cmd_predict, "merge": cmd_merge, "eval": cmd_eval, "doctor": cmd_doctor, "icsm": cmd_icsm, "data": cmd_data, "ckpt": cmd_ckpt}
+COMMANDS = {"finetune": cmd_finetune, "predict": cmd_predict, "merge": cmd_merge, "eval": cmd_eval, "doctor": cmd_doctor, "icsm": cmd_icsm, "data": cmd_data, "ckpt": cmd_ckpt,
+            "memory": cmd_memory}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -151,6 +151,9 @@ class RunConfig:
     weight_decay: float = 0.0
     max_grad_norm: float | None = 1.0
     seed: int = 7
+    # --- memory (steadyvla memory; preflight before the first step)
+    activation_checkpointing: bool = False  # recompute LLM layer activations in backward: far less GPU memory
+    force: bool = False  # start even when the memory preflight says the run will not fit
     # --- LoRA
     use_lora: bool = True
     lora_rank: int = 32
@@ -172,6 +175,9 @@ class RunConfig:
     resume_step_override: bool = False
     resume_rewind: bool = False  # go back to an explicit target older than the run's newest checkpoint
     resume_full_model_dir: str | None = None
+    # --- launchers (scripts/run_*.sh supervise the run)
+    restart_on_failure: int = 0  # relaunch with resume: auto after a crash / kill, up to N times
+    restart_backoff_s: float = 10.0  # wait before restart k: backoff * 2^(k-1) seconds, at most 300
     # --- full training (FSDP/DDP; `steadyvla train`)
     pretrained_checkpoint: str | None = None
     is_resume: bool = False
@@ -308,7 +314,8 @@ def _validate(cfg: RunConfig) -> None:
     for key in positive:
         if getattr(cfg, key) < 1:
             raise ConfigError(f"config field `{key}`: {getattr(cfg, key)} must be >= 1")
-    for key in ("lr_warmup_steps", "num_workers", "thermostat_warmup_steps", "demo_episodes_per_task"):
+    for key in ("lr_warmup_steps", "num_workers", "thermostat_warmup_steps", "demo_episodes_per_task",
+                "restart_on_failure", "restart_backoff_s"):
         if getattr(cfg, key) < 0:
             raise ConfigError(f"config field `{key}`: {getattr(cfg, key)} must be >= 0")
     if not 0.0 <= cfg.lora_dropout < 1.0:

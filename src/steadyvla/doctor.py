@@ -1,8 +1,8 @@
 """`steadyvla doctor --config X`: the users' pre-resume checklist, automated.
 
-What would be resumed, is it complete (manifest verified), is its step aligned with
-`save_steps`, does the config match it, where does the log stand (step, lr, loss), and is there
-disk space for the next save. Read-only: it never writes into the run dir.
+Will the run fit in GPU and host memory (the preflight), what would be resumed, is it complete
+(manifest verified), is its step aligned with `save_steps`, does the config match it, where does the
+log stand (step, lr, loss), and is there disk space for the next save. Read-only: it never writes into the run dir.
 """
 
 from __future__ import annotations
@@ -15,6 +15,7 @@ from steadyvla.checkpoint.layout import METRICS_JSONL
 from steadyvla.checkpoint.run_lock import describe_holder, is_locked_elsewhere, read_holder
 from steadyvla.config import ConfigError, RunConfig
 from steadyvla.data.fingerprint import dataset_fingerprint
+from steadyvla.memory_report import preflight_for
 from steadyvla.train.finetune import DEMO_DATASET_NAME
 from steadyvla.train.metrics import read_metrics
 from steadyvla.train.resume import ResumePlan, config_changes, plan_resume
@@ -66,6 +67,12 @@ def run_doctor(cfg: RunConfig) -> int:
         report(WARN, f"dataset: {data} missing; the MetaWorld demo will be generated on the first start")
     else:
         report(FAIL, f"dataset: {data} does not exist")
+    memory = preflight_for(cfg)
+    if memory.fits:
+        report(OK, f"memory: {memory.summary()} (`steadyvla memory` shows the table)")
+    else:
+        report(WARN if cfg.force else FAIL, f"memory: will not fit: {'; '.join(memory.problems)}; would fit: "
+                                            f"{' | '.join(memory.knobs)}")
     notes: list[str] = []
     try:
         plan = plan_resume(cfg, run_dir, notes.append)

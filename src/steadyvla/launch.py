@@ -6,7 +6,8 @@ Environment overrides as in their scripts: SERVER_PROFILE (else the YAML's `serv
 BATCH_SIZE, GRAD_ACCUM, PROBE_BATCH_SIZE, THERMO_UPDATE, THERMO_WARMUP (method only), RESUME_ADAPTER,
 RESUME_STEP, CLEAN_STALE_GPU_PROCS; CONFIG picks the YAML. Every one that is set must be understood:
 a bad value is an error (exit 2), never ignored. `--key value` after the positionals win over all
-of it. STEADYVLA_DRY_RUN=1 prints the command instead of running it.
+of it. STEADYVLA_DRY_RUN=1 prints the command instead of running it. The run is supervised
+(`steadyvla.supervise`): a death is explained, and `restart_on_failure: N` restarts it.
 """
 
 from __future__ import annotations
@@ -32,6 +33,9 @@ class Profile:
 
 SERVER_PROFILES = {"4090_1gpu": Profile(1, 2, 4), "v100_8gpu": Profile(8, 1, 8)}
 DEFAULT_CONFIGS = {"method": "configs/method_icsm_hsw_thermostat.yaml", "baseline": "configs/baseline_lora.yaml"}
+SCRIPTS = {"method": "scripts/run_method_train.sh", "baseline": "scripts/run_baseline_lora.sh"}
+ENV_NAMES = ("CONFIG", "SERVER_PROFILE", "BATCH_SIZE", "GRAD_ACCUM", "PROBE_BATCH_SIZE", "THERMO_UPDATE", "THERMO_WARMUP",
+             "RESUME_ADAPTER", "RESUME_STEP", "CLEAN_STALE_GPU_PROCS")
 POSITIONALS = (("TARGET_STEPS", "max_steps"), ("SAVE_STEPS", "save_steps"), ("EVAL_EVERY", "eval_every_steps"),
                ("PATIENCE", "early_stopping_patience"))
 ENV_INT_KEYS = {"BATCH_SIZE": "batch_size", "GRAD_ACCUM": "grad_accumulation_steps", "RESUME_STEP": "resume_global_step"}
@@ -151,8 +155,29 @@ def main(argv: list[str] | None = None) -> int:
     if dry_run == "1":
         print(shlex.join(command))
         return 0
-    os.execv(command[0], command)
-    return 0  # not reached
+    return _supervised(argv[0], argv[1:], command)
+
+
+def resume_command(kind: str, argv: list[str], env: dict[str, str]) -> str:
+    """The exact launcher command line that continues the run (its environment overrides included)."""
+    prefix = [f"{name}={shlex.quote(env[name])}" for name in ENV_NAMES if env.get(name)]
+    return " ".join([*prefix, SCRIPTS[kind], *map(shlex.quote, argv)])
+
+
+def _supervised(kind: str, argv: list[str], command: list[str]) -> int:
+    from steadyvla.config import ConfigError, load_config, parse_overrides
+    from steadyvla.supervise import supervise
+    from steadyvla.train.run_dir import run_dir_for
+
+    at = command.index("finetune")
+    try:
+        cfg = load_config(command[at + 2], parse_overrides(command[at + 3:]))
+    except ConfigError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return EXIT_USAGE
+    return supervise(command, run_dir=run_dir_for(cfg), restarts=cfg.restart_on_failure,
+                     backoff_s=cfg.restart_backoff_s, resume_command=resume_command(kind, argv, dict(os.environ)),
+                     log=lambda message: print(message, file=sys.stderr, flush=True))
 
 
 if __name__ == "__main__":

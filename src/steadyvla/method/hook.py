@@ -43,6 +43,7 @@ class MethodHook(TrainHook):
         self.model = model
         self.device = device
         self.probe = probe
+        self.probe_digest = probe.digest()  # the probe set never changes; state_dict runs every step
         self.probe_batch_size = cfg.probe_batch_size
         self.representatives = [g[-1] for g in groups]
         self.teacher_cov = {r: artifacts.tensors[r]["C_T"].to(device) for r in self.representatives}
@@ -102,15 +103,15 @@ class MethodHook(TrainHook):
 
     def state_dict(self) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
         return {}, {"thermostat": self.thermostat.state_dict(), "probe_position": self.probe_position,
-                    "last_drift": self.last_drift, "probe_sha256": self.probe.digest()}
+                    "last_drift": self.last_drift, "probe_sha256": self.probe_digest}
 
     def load_state_dict(self, tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> None:
         if not meta:
             raise ConfigError("config field `method_enabled`: true, but the checkpoint has no method state "
                               "(it was written by a baseline run)")
-        if meta.get("probe_sha256") != self.probe.digest():
+        if meta.get("probe_sha256") != self.probe_digest:
             raise ConfigError("the probe set differs from the one this checkpoint's run used "
-                              f"(sha256 {meta.get('probe_sha256')} vs {self.probe.digest()})")
+                              f"(sha256 {meta.get('probe_sha256')} vs {self.probe_digest})")
         self.thermostat.load_state_dict(meta["thermostat"])
         self.probe_position = int(meta["probe_position"])
         self.last_drift = meta["last_drift"]

@@ -23,6 +23,7 @@ from steadyvla.data.sampler import DataPosition, ResumableBatchSampler
 from steadyvla.data.stats import compute_action_statistics, load_dataset_statistics, write_dataset_statistics
 from steadyvla.data.transforms import ImageTransform
 from steadyvla.distributed import DistEnv, barrier, init_distributed, shutdown, wrap_data_parallel
+from steadyvla.memory_report import Preflight, enforce, preflight_for
 from steadyvla.model.build import action_tokenizer_for, build_vla, load_tokenizer, model_spec, openvla_source, wrap_lora
 from steadyvla.model.prompt import PromptBuilder
 from steadyvla.train.checkpointing import TrainerCheckpointer, TrainState, load_into
@@ -125,6 +126,21 @@ def finetune(cfg: RunConfig, log: Callable[[str], None] = say) -> LoopResult:
         shutdown(env)
 
 
+def enable_activation_checkpointing(llm: torch.nn.Module) -> None:
+    """Recompute each decoder layer in backward. Non-reentrant: works with frozen inputs and the method's
+    hooks. transformers 5.2x renamed the method (the old name warns)."""
+    enable = getattr(llm, "activation_checkpointing_enable", None) or llm.gradient_checkpointing_enable
+    enable({"use_reentrant": False})
+
+
+def preflight(cfg: RunConfig, env: DistEnv, log: Callable[[str], None]) -> Preflight:
+    """The memory preflight: stops the start (MemoryWillNotFit, exit 2) when the run will not fit,
+    unless `force`."""
+    report = preflight_for(cfg, env.device, env.world_size)
+    enforce(report, cfg, log)
+    return report
+
+
 def _main_rank_first(env: DistEnv, work: Callable[[], T]) -> T:
     """Run `work` on rank 0 first (it may generate the demo data or ICSM artifacts once), then on
     the other ranks, which find the result on disk."""
@@ -173,16 +189,17 @@ def _finetune(cfg: RunConfig, env: DistEnv, log: Callable[[str], None], preempti
         if plan.checkpoint is not None and plan.step >= cfg.max_steps:
             log(f"run already complete: checkpoint step {plan.step} >= max_steps {cfg.max_steps}; nothing to do")
             return LoopResult(plan.step, preempted=False)
+        memory = preflight(cfg, env, log)  # before the run dir is created: a refusal writes nothing
         if lock is None:
             lock = _lock_run_dir(run_dir, env)
-        return _train(cfg, env, log, run_dir, plan, changes, preemption, lock)
+        return _train(cfg, env, log, run_dir, plan, changes, preemption, lock, memory)
     finally:
         if lock is not None:
             lock.release()
 
 
 def _train(cfg: RunConfig, env: DistEnv, log: Callable[[str], None], run_dir: Path, plan: ResumePlan,
-           changes: dict, preemption: PreemptionFlag, lock: RunLock | None) -> LoopResult:
+           changes: dict, preemption: PreemptionFlag, lock: RunLock | None, memory: Preflight) -> LoopResult:
     """Build model and data, restore the plan's checkpoint, run the loop (the run dir is locked)."""
     source = _main_rank_first(env, lambda: open_training_data(cfg, log))
     artifacts = probe = None
@@ -217,6 +234,8 @@ def _train(cfg: RunConfig, env: DistEnv, log: Callable[[str], None], run_dir: Pa
     spec = model_spec(cfg, tokenizer)
     action_tokenizer = action_tokenizer_for(tokenizer, spec if cfg.vla_path else None)
     model = wrap_lora(build_vla(cfg, tokenizer, device), cfg)
+    if cfg.activation_checkpointing:
+        enable_activation_checkpointing(model.get_base_model().language_model)
     if env.rank > 0:  # same weights on every rank (seeded init), different dropout draws
         seed_everything(cfg.seed + env.rank)
     train_model = wrap_data_parallel(model, env)
@@ -266,11 +285,12 @@ def _train(cfg: RunConfig, env: DistEnv, log: Callable[[str], None], run_dir: Pa
     checkpointer = TrainerCheckpointer(run_dir, cfg, log, env, inputs)
     try:
         result = run_loop(cfg, state, iter(loader), sampler, action_tokenizer, logger, checkpointer, preemption,
-                          env, train_model, log)
+                          env, train_model, log, memory_estimate=memory.estimate)
     finally:
         checkpointer.wait()
         logger.close()
     result.model = model
+    result.memory_estimate = memory.estimate
     if not result.preempted:
         log(f"done: {result.final_step} steps; adapter + state in {run_dir}/checkpoints, metrics in "
             f"{run_dir}/metrics.jsonl")

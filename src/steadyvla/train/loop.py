@@ -18,9 +18,13 @@ from tqdm import tqdm
 from steadyvla.config import RunConfig
 from steadyvla.data.sampler import ResumableBatchSampler
 from steadyvla.distributed import DistEnv, any_rank, mean_across_ranks
+from steadyvla.faults import fault_point
+from steadyvla.memory_estimate import MemoryEstimate
+from steadyvla.memory_runtime import memory_metrics
 from steadyvla.model.action_tokenizer import ActionTokenizer
 from steadyvla.train.checkpointing import TrainerCheckpointer, TrainState
 from steadyvla.train.metrics import MetricsLogger, action_metrics, mean_metrics
+from steadyvla.train.oom import StepStart, stop_after_oom
 from steadyvla.train.signals import PreemptionFlag
 
 MODEL_INPUTS = ("input_ids", "attention_mask", "pixel_values", "labels")
@@ -33,6 +37,7 @@ class LoopResult:
     final_step: int
     preempted: bool
     model: torch.nn.Module | None = None  # the trained model (set by the entry point)
+    memory_estimate: MemoryEstimate | None = None  # the preflight's (set by the entry point)
 
 
 def run_loop(
@@ -47,6 +52,7 @@ def run_loop(
     env: DistEnv,
     train_model: torch.nn.Module | None = None,
     log: Callable[[str], None] = print,
+    memory_estimate: MemoryEstimate | None = None,
 ) -> LoopResult:
     """Train from `state.global_step` to `cfg.max_steps` (or until preempted). `train_model` is
     what the forward runs through (the DDP wrapper under torchrun); defaults to `state.model`."""
@@ -59,25 +65,34 @@ def run_loop(
     try:
         while state.global_step < cfg.max_steps:
             step = state.global_step
-            for hook in state.hooks:
-                hook.on_step_start(step)
-            micro = []
-            for i in range(cfg.grad_accumulation_steps):
-                batch = next(batches)
-                state.data_position = sampler.advance(state.data_position)
-                inputs = {k: batch[k].to(env.device, non_blocking=True) for k in MODEL_INPUTS}
-                last = i == cfg.grad_accumulation_steps - 1
-                # DDP all-reduces gradients only on the last micro-batch of the step
-                with contextlib.nullcontext() if last or not env.distributed else train_model.no_sync():
-                    output = train_model(**inputs)
-                    (output.loss / cfg.grad_accumulation_steps).backward()
-                micro.append(action_metrics(output, action_tokenizer))
-            for hook in state.hooks:
-                hook.before_optimizer_step(step)
-            if cfg.max_grad_norm is not None:
-                torch.nn.utils.clip_grad_norm_(trainable, cfg.max_grad_norm, foreach=False)
-            lr = scheduler.get_last_lr()[0]
-            optimizer.step()
+            step_start = StepStart.capture(state, env)  # an OOM before the update goes back to it
+            updating = False
+            try:
+                for hook in state.hooks:
+                    hook.on_step_start(step)
+                micro = []
+                for i in range(cfg.grad_accumulation_steps):
+                    batch = next(batches)
+                    state.data_position = sampler.advance(state.data_position)
+                    inputs = {k: batch[k].to(env.device, non_blocking=True) for k in MODEL_INPUTS}
+                    last = i == cfg.grad_accumulation_steps - 1
+                    # DDP all-reduces gradients only on the last micro-batch of the step
+                    with contextlib.nullcontext() if last or not env.distributed else train_model.no_sync():
+                        output = train_model(**inputs)
+                        (output.loss / cfg.grad_accumulation_steps).backward()
+                    fault_point("backward", step + 1)  # tests: a gradient is partly accumulated here
+                    micro.append(action_metrics(output, action_tokenizer))
+                for hook in state.hooks:
+                    hook.before_optimizer_step(step)
+                if cfg.max_grad_norm is not None:
+                    torch.nn.utils.clip_grad_norm_(trainable, cfg.max_grad_norm, foreach=False)
+                lr = scheduler.get_last_lr()[0]
+                updating = True
+                optimizer.step()
+            except torch.OutOfMemoryError as err:
+                batch = inputs = output = None  # noqa: F841 - drop the failed step's tensors before saving
+                raise stop_after_oom(err, cfg, state, step_start, not updating, checkpointer, logger, env,
+                                     memory_estimate) from err
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
             state.global_step = step + 1
@@ -86,7 +101,7 @@ def run_loop(
                 metrics.update(hook.on_step_end(state.global_step))
             metrics = {**mean_across_ranks(metrics, env), "lr": lr, "epoch": state.data_position.epoch}
             if state.global_step % cfg.log_every_steps == 0 or state.global_step == cfg.max_steps:
-                logger.log(state.global_step, metrics)
+                logger.log(state.global_step, {**metrics, **memory_metrics(env.device)})
             bar.update(1)
             bar.set_postfix(loss=f"{metrics['train_loss']:.4f}", lr=f"{lr:.2e}")
             checkpointer.check()  # a failed background save surfaces (and is retried) here

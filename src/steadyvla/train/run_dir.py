@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import sys
 import time
 import traceback
@@ -12,6 +13,7 @@ from typing import Any
 from steadyvla.checkpoint.atomic import atomic_write_text, mkdir_durable
 from steadyvla.checkpoint.layout import CONFIG_YAML, ERROR_LOG, STARTS_JSONL
 from steadyvla.config import RunConfig, dump_config
+from steadyvla.supervise import RESTART_ENV
 from steadyvla.versions import library_versions
 
 
@@ -51,6 +53,8 @@ def record_start(run_dir: Path, cfg: RunConfig, *, resumed_from: str | None, res
         "resumed_step": resumed_step,
         "changed_fields": changes,
         "rewind": rewind,  # {"from": the abandoned latest, "to": the checkpoint it went back to}
+        # {"attempt", "of", "after"} when a launcher restarted the run (restart_on_failure)
+        "restart": json.loads(os.environ[RESTART_ENV]) if os.environ.get(RESTART_ENV) else None,
         "versions": library_versions(),
     }
     with (run_dir / STARTS_JSONL).open("a") as f:
