@@ -1,4 +1,4 @@
-"""`steadyvla <verb>`: finetune, predict, merge, data, ckpt (ls|verify|import-legacy), doctor, memory.
+"""`steadyvla <verb>`: finetune, predict, merge, eval, data, ckpt (ls|verify|import-legacy), doctor, memory.
 
 Every user error ends with one `error:` line naming the field, the value and what would be valid,
 and exit status 2; nothing on disk is touched before the config and resume target are checked. Any
@@ -117,6 +117,35 @@ def cmd_merge(args: argparse.Namespace, extra: list[str]) -> int:
     return 0
 
 
+def cmd_eval(args: argparse.Namespace, extra: list[str]) -> int:
+    from steadyvla.eval.command import EvalRequest, parse_tasks, run_eval
+
+    run_eval(EvalRequest(
+        tasks=parse_tasks(args.tasks), episodes=args.episodes, seed=args.seed,
+        checkpoint=Path(args.checkpoint) if args.checkpoint else None,
+        vla_path=Path(args.vla_path) if args.vla_path else None, unnorm_key=args.unnorm_key,
+        max_steps=args.max_steps, videos=args.videos, out=Path(args.out) if args.out else None,
+        image_size=args.image_size, num_envs=args.num_envs, device=args.device, progress=not args.no_progress))
+    return 0
+
+
+def _add_eval_parser(verbs) -> None:
+    ev = verbs.add_parser("eval", help="closed-loop MetaWorld v3 rollouts of a checkpoint or OpenVLA dir")
+    ev.add_argument("--checkpoint", default=None, help="checkpoint dir, or a run dir (its newest complete one)")
+    ev.add_argument("--vla_path", default=None, help="base OpenVLA dir of the run; alone: evaluate this dir")
+    ev.add_argument("--tasks", required=True, help="comma-separated MetaWorld v3 tasks, e.g. reach-v3,push-v3")
+    ev.add_argument("--episodes", type=int, required=True, help="episodes per task")
+    ev.add_argument("--seed", type=int, default=0, help="seeds every episode's object/goal placement")
+    ev.add_argument("--max-steps", type=int, default=150, help="episode horizon (env steps, at most 500)")
+    ev.add_argument("--videos", type=int, default=0, help="write mp4s of the first K episodes of each task")
+    ev.add_argument("--out", default=None, help="results JSON (default <run_dir>/eval/step-XXXXXX.json)")
+    ev.add_argument("--image-size", type=int, default=None, help="camera pixels (default: the run's demo_image_size)")
+    ev.add_argument("--num-envs", type=int, default=8, help="environments stepped together (one model batch)")
+    ev.add_argument("--unnorm_key", default=None, help="dataset in the statistics (default: the run's dataset)")
+    ev.add_argument("--device", default="cpu", help="torch device (default cpu)")
+    ev.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="steadyvla", description=__doc__.splitlines()[0],
                                      epilog=f"{DEBUG_FLAG} (anywhere): print the full traceback of a failure")
@@ -136,6 +165,7 @@ def build_parser() -> argparse.ArgumentParser:
     merge = verbs.add_parser("merge", help="merge a LoRA checkpoint into its base; write an OpenVLA-layout directory")
     merge.add_argument("--checkpoint", required=True, help="checkpoint dir, or a run dir (its newest complete one)")
     merge.add_argument("--out", required=True, help="new directory for the merged model (must not exist)")
+    _add_eval_parser(verbs)
     icsm = verbs.add_parser("icsm", help="the method's offline step: ICSM subspaces from the frozen teacher")
     icsm_verbs = icsm.add_subparsers(dest="icsm_verb", required=True)
     icsm_build = icsm_verbs.add_parser("build", help="write U_f, U_p, mu, C_T per layer to icms_artifact_dir; "
@@ -169,7 +199,7 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-COMMANDS = {"finetune": cmd_finetune, "predict": cmd_predict, "merge": cmd_merge, "doctor": cmd_doctor, "icsm": cmd_icsm, "data": cmd_data, "ckpt": cmd_ckpt,
+COMMANDS = {"finetune": cmd_finetune, "predict": cmd_predict, "merge": cmd_merge, "eval": cmd_eval, "doctor": cmd_doctor, "icsm": cmd_icsm, "data": cmd_data, "ckpt": cmd_ckpt,
             "memory": cmd_memory}
 
 

@@ -4,21 +4,15 @@ MetaWorld ships 50 scripted expert policies (`metaworld.policies`) and no instru
 demo task gets one sentence here. Each attempt resets the environment to a seeded random
 object/goal placement; only successful episodes are kept, and each stops a few steps after
 success. Same arguments -> same actions, states and (on one GL backend) pixels.
-
-Rendering goes through `mujoco.Renderer` with shadows, reflections and multisampling off: with
-software GL (osmesa) that is ~2x faster than the defaults and ~10x faster than `env.render()`.
-The GL backend must be chosen before mujoco is imported; see `select_gl_backend`.
+Environments, the camera and the GL backend choice live in `steadyvla.sim.metaworld` (shared
+with closed-loop evaluation).
 """
 
 from __future__ import annotations
 
-import importlib
 import inspect
 import json
-import os
-import sys
 import warnings
-import zlib
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -27,134 +21,32 @@ import numpy as np
 
 from steadyvla.data.lerobot import is_lerobot_dataset
 from steadyvla.data.lerobot_writer import Episode, write_lerobot_dataset
+from steadyvla.sim.metaworld import (DEFAULT_CAMERA, METAWORLD_MAX_STEPS, TASK_INSTRUCTIONS, Camera,
+                                     check_mujoco_backend, episode_seed, import_metaworld, make_env,
+                                     render_help, reset_env, select_gl_backend)
 
-# Instructions are lower-case with no final period: prompts embed them as
-# "What action should the robot take to {instruction}?".
-DEMO_TASKS: dict[str, str] = {
-    "reach-v3": "reach the red goal position",
-    "push-v3": "push the red puck to the green goal",
-    "pick-place-v3": "pick up the red puck and place it at the blue goal",
-    "button-press-topdown-v3": "press the red button down from the top",
-    "drawer-open-v3": "pull the green drawer open",
-    "drawer-close-v3": "push the green drawer closed",
-    "button-press-v3": "press the button on the wall",
-    "coffee-button-v3": "press the button on the coffee machine",
-    "handle-press-v3": "press the handle down",
-    "plate-slide-v3": "slide the plate into the goal",
-    "window-open-v3": "slide the window open",
-    "window-close-v3": "slide the window closed",
-}
+DEMO_TASKS: dict[str, str] = TASK_INSTRUCTIONS
 DEFAULT_TASKS: tuple[str, ...] = (
     "reach-v3", "push-v3", "pick-place-v3", "button-press-topdown-v3", "drawer-open-v3")
-DEFAULT_CAMERA = "corner4"  # close view of arm, table and objects (rendered upside down: flipped)
 FPS = 80  # MetaWorld control rate: 5 physics substeps of 2.5 ms per env step
 STATE_NAMES = ["hand_x", "hand_y", "hand_z", "gripper_distance"]
 ACTION_NAMES = ["delta_x", "delta_y", "delta_z", "gripper"]
 STEPS_AFTER_SUCCESS = 3
-_METAWORLD_MAX_STEPS = 500  # env.max_path_length; stepping past it raises inside MetaWorld
+_METAWORLD_MAX_STEPS = METAWORLD_MAX_STEPS
 _GENERATOR = "steadyvla.data.demo_metaworld"
 
 
-def select_gl_backend() -> str:
-    """Pick MuJoCo's GL backend before mujoco is imported; returns the backend name.
-
-    A user's MUJOCO_GL is kept. Otherwise "egl" (GPU, fast) when /dev/nvidia0 exists, else
-    "osmesa" (software). PYOPENGL_PLATFORM is set to match unless the user set it.
-    """
-    backend = os.environ.get("MUJOCO_GL") or ("egl" if Path("/dev/nvidia0").exists() else "osmesa")
-    os.environ["MUJOCO_GL"] = backend
-    if backend in ("egl", "osmesa"):
-        os.environ.setdefault("PYOPENGL_PLATFORM", backend)
-    return backend
+# Older names, kept for callers and tests of this module.
+_check_mujoco_backend = check_mujoco_backend
+_render_help = render_help
+_Camera = Camera
+_make_env = make_env
+_episode_seed = episode_seed
 
 
-# At import too: whatever imports this module before mujoco (the CLI, an eval script) gets a
-# backend that works here; the user's MUJOCO_GL always wins.
-select_gl_backend()
-
-
-def _check_mujoco_backend(backend: str) -> None:
-    """Fail early if mujoco was imported before MUJOCO_GL was chosen (the choice is then fixed)."""
-    context = sys.modules.get("mujoco.gl_context")
-    imported_with = getattr(context, "_MUJOCO_GL", None)
-    if imported_with is None:
-        return
-    if (imported_with or "glfw") != backend.lower():
-        raise RuntimeError(
-            f"mujoco was imported with MUJOCO_GL={imported_with or '(unset: glfw)'!r} before the "
-            f"demo generator could select {backend!r}; set MUJOCO_GL={backend} in the environment, "
-            "or call steadyvla.data.demo_metaworld.select_gl_backend() before importing "
-            "mujoco or metaworld"
-        )
-
-
-def _render_help(backend: str, error: BaseException) -> str:
-    hints = {
-        "osmesa": "install OSMesa (Debian/Ubuntu: `apt-get install libosmesa6`) and PyOpenGL",
-        "egl": "install the NVIDIA EGL driver libraries (`apt-get install libegl1`), or use "
-               "software rendering with MUJOCO_GL=osmesa (needs `apt-get install libosmesa6`)",
-    }
-    hint = hints.get(backend, "set MUJOCO_GL=osmesa (needs `apt-get install libosmesa6`) or egl")
-    return (f"MuJoCo cannot render with MUJOCO_GL={backend!r} "
-            f"({type(error).__name__}: {error}); {hint}")
-
-
-class _Camera:
-    """One offscreen renderer bound to a model; returns upright [size, size, 3] uint8 frames."""
-
-    def __init__(self, model: Any, size: int, camera: str, backend: str):
-        import mujoco
-
-        self._mujoco = mujoco
-        names = [mujoco.mj_id2name(model, mujoco.mjtObj.mjOBJ_CAMERA, i) for i in range(model.ncam)]
-        if camera not in names:
-            raise ValueError(f"camera {camera!r} is not in the MetaWorld scene; valid: {names}")
-        self._camera = camera
-        self._flip = camera.startswith("corner")
-        model.vis.quality.offsamples = 0  # no MSAA: halves software-GL time, visual-only setting
-        try:
-            self._renderer = mujoco.Renderer(model, size, size)
-        except Exception as e:  # the GL stack fails in many library-specific ways
-            raise RuntimeError(_render_help(backend, e)) from e
-
-    def render(self, data: Any) -> np.ndarray:
-        flags = self._mujoco.mjtRndFlag
-        self._renderer.update_scene(data, camera=self._camera)
-        self._renderer.scene.flags[flags.mjRND_SHADOW] = False
-        self._renderer.scene.flags[flags.mjRND_REFLECTION] = False
-        image = self._renderer.render()
-        # A 180-degree turn (not a mirror) is what an upright camera at that spot would see.
-        return np.ascontiguousarray(image[::-1, ::-1] if self._flip else image)
-
-    def close(self) -> None:
-        self._renderer.close()
-
-
-def _episode_seed(seed: int, task: str, attempt: int) -> int:
-    # Per-task streams: adding or reordering tasks leaves every other task's episodes unchanged.
-    entropy = [seed, zlib.crc32(task.encode()), attempt]
-    return int(np.random.SeedSequence(entropy).generate_state(1)[0])
-
-
-def _make_env(metaworld: Any, task: str) -> Any:
-    env = metaworld.ALL_V3_ENVIRONMENTS_GOAL_OBSERVABLE[f"{task}-goal-observable"]()
-    # Draw a fresh object/goal placement from env.np_random on every reset, so `env.seed(s)`
-    # alone fixes an episode. (MetaWorld's MT1 does the same through 50 pre-drawn placements,
-    # at ~1.4 s per task.)
-    env.seeded_rand_vec = True
-    env._freeze_rand_vec = False
-    return env
-
-
-def _rollout(env: Any, policy: Any, camera: _Camera, task: str, max_steps: int,
+def _rollout(env: Any, policy: Any, camera: Camera, task: str, max_steps: int,
              seed: int) -> Episode | None:
-    import mujoco
-
-    env.seed(seed)
-    obs, _ = env.reset()
-    # reset() moves the goal marker without recomputing site positions; without this, frame 0
-    # would show the marker where the previous episode (or env construction) left it.
-    mujoco.mj_forward(env.model, env.data)
+    obs = reset_env(env, seed)
     images, states, actions = [], [], []
     success_at = None
     for step in range(max_steps):
@@ -178,18 +70,8 @@ def _rollout(env: Any, policy: Any, camera: _Camera, task: str, max_steps: int,
 
 def _episodes(tasks: Sequence[str], episodes_per_task: int, image_size: int, seed: int,
               max_steps: int, camera_name: str, backend: str, progress: bool) -> Iterator[Episode]:
-    install = "the demo dataset needs MetaWorld and MuJoCo: pip install 'steadyvla[demo]'"
-    try:
-        importlib.import_module("mujoco")  # loads the GL backend named by MUJOCO_GL
-    except ModuleNotFoundError as e:
-        raise ImportError(f"{install} ({e})") from e
-    except Exception as e:  # a missing GL library surfaces here, as ImportError or OSError
-        raise RuntimeError(_render_help(backend, e)) from e
-    try:
-        import metaworld
-        from metaworld.policies import ENV_POLICY_MAP
-    except ModuleNotFoundError as e:
-        raise ImportError(f"{install} ({e})") from e
+    metaworld = import_metaworld(backend)
+    from metaworld.policies import ENV_POLICY_MAP
     from tqdm import tqdm
 
     max_attempts = 2 * episodes_per_task + 3
@@ -197,9 +79,9 @@ def _episodes(tasks: Sequence[str], episodes_per_task: int, image_size: int, see
                desc="MetaWorld demo")
     try:
         for task in tasks:
-            env = _make_env(metaworld, task)
+            env = make_env(metaworld, task)
             policy = ENV_POLICY_MAP[task]()
-            camera = _Camera(env.model, image_size, camera_name, backend)
+            camera = Camera(env.model, image_size, camera_name, backend)
             kept = attempts = 0
             try:
                 while kept < episodes_per_task:
@@ -209,9 +91,9 @@ def _episodes(tasks: Sequence[str], episodes_per_task: int, image_size: int, see
                             f"{kept} of {attempts} attempts within max_episode_steps={max_steps}; "
                             "raise max_episode_steps or leave this task out"
                         )
-                    episode_seed = _episode_seed(seed, task, attempts)
+                    env_seed = episode_seed(seed, task, attempts)
                     attempts += 1
-                    episode = _rollout(env, policy, camera, task, max_steps, episode_seed)
+                    episode = _rollout(env, policy, camera, task, max_steps, env_seed)
                     if episode is not None:
                         kept += 1
                         bar.set_postfix(task=task, frames=len(episode.actions))
@@ -265,7 +147,7 @@ def generate_demo_dataset(
     """
     params = _demo_params(tasks, episodes_per_task, image_size, seed, max_episode_steps, camera)
     backend = select_gl_backend()
-    _check_mujoco_backend(backend)
+    check_mujoco_backend(backend)
     episodes = _episodes(params["tasks"], params["episodes_per_task"], params["image_size"],
                          params["seed"], params["max_episode_steps"], camera, backend, progress)
     from importlib.metadata import version

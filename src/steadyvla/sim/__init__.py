@@ -1,0 +1,1 @@
+"""Simulators shared by the demo data generator and closed-loop evaluation."""
