@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import torch
@@ -44,7 +45,8 @@ def write_tiny_openvla(out: Path, seed: int = 0, norm_stats: dict | None = None,
     """A tiny random VLA written as an OpenVLA dir (bf16 shards unless `dtype` None = float32);
     returns the dir and the model cast to what the checkpoint holds."""
     model, tok = tiny_model(seed)
-    write_openvla_dir(out, model.spec, model.state_dict(), tok, norm_stats or NORM_STATS, dtype=dtype,
+    upstream = dataclasses.replace(model.spec, action_bins_end=None)  # OpenVLA's own decoding rule
+    write_openvla_dir(out, upstream, model.state_dict(), tok, norm_stats or NORM_STATS, dtype=dtype,
                       max_shard_bytes=max_shard_bytes)
     return out, cast_like_loaded(model, dtype) if dtype is not None else model
 

@@ -111,6 +111,9 @@ def test_merge_of_a_random_init_preset_run(make_config, tmp_path):
     assert set(merged.norm_stats) == {"synth"} and merged.spec.llm["vocab_size"] == 768
     ckpt = sorted((run_dir / "checkpoints").glob("step-*"))[-1]
     tok = load_tokenizer(cfg)
+    # the exported dir decodes where training encoded: the tiny tokenizer's bins end at its own vocab_size
+    assert merged.action_tokenizer.vocab_end == int(tok.vocab_size) == 705
+    assert json.loads((tmp_path / "merged" / "config.json").read_text())["action_vocab_end"] == 705
     unmerged = PeftModel.from_pretrained(build_vla(cfg, tok), str(ckpt)).base_model.model.eval()
     bundle = VLABundle(unmerged, tok, merged.spec, merged.norm_stats)
     image = (np.random.default_rng(1).random((32, 32, 3)) * 255).astype(np.uint8)

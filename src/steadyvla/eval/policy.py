@@ -36,7 +36,7 @@ class EvalTarget:
 def _load_adapted(ckpt: Path, vla_path: Path | None, device: str) -> tuple[VLABundle, object]:
     from peft import PeftModel
 
-    from steadyvla.model.build import action_tokenizer_for, build_vla, load_tokenizer, model_spec
+    from steadyvla.model.build import build_vla, load_tokenizer, model_spec
     from steadyvla.model.merge import checkpoint_config
 
     cfg = checkpoint_config(ckpt)
@@ -49,11 +49,8 @@ def _load_adapted(ckpt: Path, vla_path: Path | None, device: str) -> tuple[VLABu
     base = build_vla(cfg, tokenizer, device)
     with torch.no_grad():
         model = PeftModel.from_pretrained(base, str(ckpt)).merge_and_unload().eval()
-    spec = model_spec(cfg, tokenizer)
-    # decode with the bins the run trained on (a preset's end differs from OpenVLA's rule)
-    decoder = action_tokenizer_for(tokenizer, spec if cfg.vla_path else None)
-    bundle = VLABundle(model, tokenizer, spec, {}, action_vocab_end=decoder.vocab_end)
-    return bundle, cfg
+    # the spec carries where the run's action bins end (a preset's tokenizer differs from OpenVLA's rule)
+    return VLABundle(model, tokenizer, model_spec(cfg, tokenizer), {}), cfg
 
 
 def load_openvla_target(vla_path: Path, unnorm_key: str | None, device: str = "cpu") -> EvalTarget:

@@ -56,14 +56,15 @@ def model_spec(cfg: RunConfig, tokenizer) -> VLASpec:
     """What the model is built from: `vla_path`'s config.json, else the preset sized to the tokenizer."""
     if cfg.vla_path:
         return read_openvla_dir(cfg.vla_path).spec
-    return get_preset(cfg.model_preset).spec(len(tokenizer), int(tokenizer.pad_token_id))
+    return get_preset(cfg.model_preset).spec(len(tokenizer), int(tokenizer.pad_token_id), int(tokenizer.vocab_size))
 
 
 def action_tokenizer_for(tokenizer, spec: VLASpec | None = None) -> ActionTokenizer:
     """Action bins on the last 256 ids before <PAD> (tokenizer.vocab_size: 32000 for Llama-2).
 
-    With `spec` (a loaded OpenVLA checkpoint) the end is OpenVLA's own `text vocab -
-    pad_to_multiple_of`, the value its `predict_action` decodes with; for Llama-2 both are 32000.
+    With `spec` the end is `spec.action_vocab_end`: OpenVLA's own `text vocab - pad_to_multiple_of`
+    (what its `predict_action` decodes with; 32000 for Llama-2), or a preset's tokenizer's own end,
+    which a merged export records in config.json so that inference decodes as training encoded.
     """
     if spec is not None:
         return ActionTokenizer(vocab_end=spec.action_vocab_end, n_bins=spec.n_action_bins)

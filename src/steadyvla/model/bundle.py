@@ -51,9 +51,6 @@ class VLABundle:
     norm_stats: dict
     source: Path | None = None
     config: dict = field(default_factory=dict)
-    # Where the action bins end when it is not OpenVLA's `vocab - pad multiple`: a LoRA run of a
-    # random-init preset trains on the tokenizer's own vocab_size (see build.action_tokenizer_for).
-    action_vocab_end: int | None = None
 
     @property
     def image_transform(self) -> ImageTransform:
@@ -62,9 +59,9 @@ class VLABundle:
 
     @property
     def action_tokenizer(self) -> ActionTokenizer:
-        """Bin decoding over OpenVLA's `vocab_size` (text vocab minus the padding multiple)."""
-        end = self.spec.action_vocab_end if self.action_vocab_end is None else self.action_vocab_end
-        return ActionTokenizer(vocab_end=end, n_bins=self.spec.n_action_bins)
+        """Bin decoding over `spec.action_vocab_end` (OpenVLA's text vocab minus the padding multiple,
+        or where a preset's tokenizer ends its bins)."""
+        return ActionTokenizer(vocab_end=self.spec.action_vocab_end, n_bins=self.spec.n_action_bins)
 
     @property
     def device(self) -> torch.device:

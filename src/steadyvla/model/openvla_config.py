@@ -5,9 +5,10 @@ Reading honours every explicit `text_config` field (any LLM size), `timm_model_i
 Writing produces the upstream fields; `text_config` carries the four upstream keys plus every
 LLM field that differs from a `LlamaConfig` default, so any shape reads back as it was written.
 
-One steadyvla extension: `timm_model_kwargs` (per-tower timm constructor overrides such as depth
-or width) appears only for shapes that are not a registered timm model (the tiny test towers);
-it is never written for openvla-7b.
+Two steadyvla extensions, never written for openvla-7b: `timm_model_kwargs` (per-tower timm
+constructor overrides such as depth or width) for shapes that are not a registered timm model (the
+tiny test towers), and `action_vocab_end` where a preset's tokenizer ends its action bins somewhere
+else than OpenVLA's `text vocab - pad_to_multiple_of` (the tiny tokenizer: 705, not 704).
 """
 
 from __future__ import annotations
@@ -46,6 +47,7 @@ SINGLE_ARCH = "no-align+gelu-mlp"
 # text_config keys that describe the file, not the LLM's shape
 _TEXT_CONFIG_META = ("model_type", "torch_dtype", "dtype")
 TIMM_KWARGS_FIELD = "timm_model_kwargs"
+ACTION_END_FIELD = "action_vocab_end"  # steadyvla-only, where a preset's action bins end (never for 7b)
 
 
 class OpenVLAFormatError(ConfigError):
@@ -115,7 +117,8 @@ def spec_from_openvla_config(config: dict, source: Path) -> VLASpec:
     llm.setdefault("pad_token_id", config.get("pad_token_id"))
     return VLASpec(image_size=int(sizes[0]), towers=towers, llm=llm,
                    pad_to_multiple_of=int(config.get("pad_to_multiple_of", 64)),
-                   n_action_bins=int(config.get("n_action_bins", 256)))
+                   n_action_bins=int(config.get("n_action_bins", 256)),
+                   action_bins_end=config.get(ACTION_END_FIELD))
 
 
 def _preprocessing(pre: dict, timm_ids: list[str], size: int, path: Path) -> tuple[list, list]:
@@ -175,6 +178,8 @@ def openvla_config_from_spec(spec: VLASpec, norm_stats: dict, dtype_name: str = 
     extra = [{k: v for k, v in t.overrides.items() if k not in ("img_size", "act_layer")} for t in spec.towers]
     if any(extra):
         config[TIMM_KWARGS_FIELD] = extra
+    if spec.action_bins_end is not None:
+        config[ACTION_END_FIELD] = spec.action_bins_end
     return config
 
 

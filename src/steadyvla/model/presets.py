@@ -25,11 +25,13 @@ class VLAPreset:
     llm: dict  # LlamaConfig kwargs (vocab_size is set from the tokenizer)
     pad_to_multiple_of: int = 64
 
-    def spec(self, vocab_size: int, pad_token_id: int) -> VLASpec:
-        """The build spec for a tokenizer of `vocab_size` ids (padded to `pad_to_multiple_of`)."""
-        llm = dict(self.llm, vocab_size=padded_vocab_size(vocab_size, self.pad_to_multiple_of),
-                   pad_token_id=pad_token_id)
-        return VLASpec(self.image_size, self.towers, llm, self.pad_to_multiple_of)
+    def spec(self, vocab_size: int, pad_token_id: int, action_vocab_end: int | None = None) -> VLASpec:
+        """The build spec for a tokenizer of `vocab_size` ids (padded to `pad_to_multiple_of`) whose
+        action bins end at `action_vocab_end` (the tokenizer's own vocab_size; None = OpenVLA's rule)."""
+        padded = padded_vocab_size(vocab_size, self.pad_to_multiple_of)
+        llm = dict(self.llm, vocab_size=padded, pad_token_id=pad_token_id)
+        own_end = None if action_vocab_end in (None, padded - self.pad_to_multiple_of) else action_vocab_end
+        return VLASpec(self.image_size, self.towers, llm, self.pad_to_multiple_of, action_bins_end=own_end)
 
 
 def tiny_tokenizer_dir() -> Path:

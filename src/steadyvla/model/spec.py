@@ -33,6 +33,9 @@ class VLASpec:
     llm: dict
     pad_to_multiple_of: int = 64
     n_action_bins: int = 256
+    # where the action bins end when it is not OpenVLA's rule below: a preset trains on its tokenizer's
+    # own vocab_size, which equals the rule for Llama-2 (32000) but not for the tiny tokenizer
+    action_bins_end: int | None = None
 
     @property
     def fused(self) -> bool:
@@ -46,7 +49,10 @@ class VLASpec:
     @property
     def action_vocab_end(self) -> int:
         """OpenVLA's `vocab_size` for action decoding: the padded vocabulary minus the padding
-        multiple (32064 - 64 = 32000 for openvla-7b), as its modeling code computes it."""
+        multiple (32064 - 64 = 32000 for openvla-7b), as its modeling code computes it — or
+        `action_bins_end` where a preset's tokenizer ends its bins elsewhere."""
+        if self.action_bins_end is not None:
+            return self.action_bins_end
         return int(self.llm["vocab_size"]) - self.pad_to_multiple_of
 
 

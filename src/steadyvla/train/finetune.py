@@ -232,7 +232,7 @@ def _train(cfg: RunConfig, env: DistEnv, log: Callable[[str], None], run_dir: Pa
 
     tokenizer = load_tokenizer(cfg)
     spec = model_spec(cfg, tokenizer)
-    action_tokenizer = action_tokenizer_for(tokenizer, spec if cfg.vla_path else None)
+    action_tokenizer = action_tokenizer_for(tokenizer, spec)
     model = wrap_lora(build_vla(cfg, tokenizer, device), cfg)
     if cfg.activation_checkpointing:
         enable_activation_checkpointing(model.get_base_model().language_model)
