@@ -88,6 +88,16 @@ def test_resume_command_repeats_the_launcher_line_with_its_environment():
     assert line == "CONFIG=/c/m.yaml BATCH_SIZE=4 scripts/run_method_train.sh 2 1000 --lora_rank 8"
 
 
+def test_steadyvla_launch_is_the_launcher(tmp_path):
+    env = cli_env({"STEADYVLA_DRY_RUN": "1", "BATCH_SIZE": "3"})
+    via_cli = subprocess.run([sys.executable, "-m", "steadyvla.cli", "launch", "baseline", "1", "5", "--lora_rank", "8"],
+                             env=env, capture_output=True, text=True, timeout=120)
+    direct = subprocess.run([sys.executable, "-m", "steadyvla.launch", "baseline", "1", "5", "--lora_rank", "8"],
+                            env=env, capture_output=True, text=True, timeout=120)
+    assert via_cli.returncode == direct.returncode == 0, via_cli.stderr + direct.stderr
+    assert via_cli.stdout == direct.stdout and "--batch_size 3 --max_steps 5" in via_cli.stdout
+
+
 def test_a_child_that_runs_out_of_address_space_is_reported_as_out_of_memory(capfd):
     hog = ("import resource; resource.setrlimit(resource.RLIMIT_AS, (1 << 30, 1 << 30)); x = []\n"
            "while True: x.append(bytearray(64 << 20))")

@@ -15,6 +15,7 @@ from pathlib import Path
 
 from steadyvla.checkpoint.manager import CheckpointError
 from steadyvla.checkpoint.run_lock import RunDirBusy
+from steadyvla.launch import DEFAULT_CONFIGS
 from steadyvla.config import ConfigError, load_config, parse_overrides
 from steadyvla.config_compat import translate_icsm_options
 
@@ -156,6 +157,11 @@ def build_parser() -> argparse.ArgumentParser:
         p = verbs.add_parser(name, help=helptext, description=f"{helptext}. Any config key can be overridden with "
                              "`--key value` (values read as YAML: true, false, null, numbers).")
         p.add_argument("--config", required=True, help="YAML config with flat keys (see configs/)")
+    launch = verbs.add_parser("launch", help="run finetune supervised, as scripts/run_*.sh do: explains a death "
+                              "(SIGKILL / OOM), restart_on_failure restarts it")
+    launch.add_argument("kind", choices=list(DEFAULT_CONFIGS))
+    launch.add_argument("args", nargs=argparse.REMAINDER,
+                        help="[NPROC|auto] [TARGET_STEPS] [SAVE_STEPS] [EVAL_EVERY] [PATIENCE] [--key value ...]")
     predict = verbs.add_parser("predict", help="predict one action with an OpenVLA-layout model (prints a JSON list)")
     predict.add_argument("--vla_path", required=True, help="OpenVLA Hugging Face directory (base or merged)")
     predict.add_argument("--image", required=True, help="RGB image file (PNG/JPEG)")
@@ -208,6 +214,10 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     debug = DEBUG_FLAG in argv  # accepted anywhere, so it never reaches the config overrides
     argv = [a for a in argv if a != DEBUG_FLAG]
+    if argv[:1] == ["launch"] and not set(argv[1:2]) & {"-h", "--help"}:
+        from steadyvla.launch import main as launch_main  # its own argument and environment rules
+
+        return launch_main(argv[1:])
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
     if extra and args.verb not in VERBS_WITH_OVERRIDES and getattr(args, "ckpt_verb", None) != "import-legacy":
