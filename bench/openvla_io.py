@@ -5,7 +5,7 @@
 
 `write` builds openvla-7b with random weights directly on the GPU and writes it in the exact
 upstream layout (bf16, three shards). Every measurement then runs in a fresh child process so its
-peak RSS (getrusage maxrss) is its own:
+peak RSS (VmHWM of the process alone) is its own:
 
 - `steadyvla`: `load_vla(dir, device="cuda")` (meta init, shards streamed onto the GPU);
 - `naive`: the reference, what `from_pretrained` on the CPU then `.to("cuda")` does: the whole
@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import resource
 import shutil
 import statistics
 import subprocess
@@ -37,7 +36,9 @@ import torch
 
 
 def _rss_gib() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024**2
+    from steadyvla.memory_runtime import peak_rss  # VmHWM: ru_maxrss would include the parent's size
+
+    return peak_rss() / 1024**3
 
 
 def _gpu_peak_gib() -> float:

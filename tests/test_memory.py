@@ -23,12 +23,12 @@ from steadyvla.train.metrics import read_metrics
 
 # Runs finetune in a fresh interpreter and prints the preflight's host estimate and the measured peak RSS.
 MEASURE = """
-import json, resource, sys
+import json, sys
 from steadyvla.config import build_config
+from steadyvla.memory_runtime import peak_rss
 from steadyvla.train.finetune import finetune
 result = finetune(build_config(json.loads(sys.argv[1])), log=lambda m: None)
-print(json.dumps({"estimate": result.memory_estimate.host_total,
-                  "peak": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}))
+print(json.dumps({"estimate": result.memory_estimate.host_total, "peak": peak_rss()}))
 """
 TOLERANCE = 0.20
 HUGE = dict(model_preset="openvla-7b", dtype="bfloat16", batch_size=4096)  # ~8 TiB of activations

@@ -119,7 +119,15 @@ def host_rss(include_children: bool = True) -> int:
 
 
 def peak_rss() -> int:
-    """Peak resident bytes of this process so far (ru_maxrss, KiB on Linux)."""
+    """Peak resident bytes of this process so far: /proc's VmHWM, the high-water mark of this
+    process's own memory. Not ru_maxrss: Linux carries that across fork and exec, so a process started
+    by a large parent (pytest, a launcher) reports at least the parent's size."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024  # kB
+    except OSError:
+        pass
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
