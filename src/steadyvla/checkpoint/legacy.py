@@ -9,7 +9,6 @@ arbitrary unpickling is refused and reported, never executed.
 from __future__ import annotations
 
 import json
-import pickle
 import re
 from pathlib import Path
 from typing import Any
@@ -37,13 +36,16 @@ def safe_torch_load(path: Path) -> Any:
     what was refused (the file is never unpickled in full)."""
     try:
         return torch.load(str(path), map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as err:
+    except (OSError, RuntimeError, EOFError) as err:
+        raise ConfigError(f"{path}: unreadable as a torch file ({err})") from err
+    except Exception as err:  # noqa: BLE001 - the weights-only loader's UnpicklingError, matched by name so
+        # that no pickle module is imported on any load path
+        if type(err).__name__ != "UnpicklingError":
+            raise
         found = re.search(r"Unsupported global: GLOBAL (\S+)", str(err))
         refused = f"a {found.group(1)} object" if found else "content the safe loader does not accept"
         raise ConfigError(f"{path}: refused {refused}: only tensors and plain containers are read "
                           "(torch.load weights_only=True); nothing was unpickled beyond that") from err
-    except (OSError, RuntimeError, EOFError) as err:
-        raise ConfigError(f"{path}: unreadable as a torch file ({err})") from err
 
 
 def read_adapter_weights(adapter_dir: Path) -> dict[str, torch.Tensor]:
