@@ -138,8 +138,10 @@ def main(argv: list[str] | None = None) -> int:
     """`python -m steadyvla.launch method|baseline ARGS...`: run (or with STEADYVLA_DRY_RUN=1 print) it."""
     argv = sys.argv[1:] if argv is None else argv
     if not argv or argv[0] not in DEFAULT_CONFIGS:
-        print(f"usage: python -m steadyvla.launch {{{'|'.join(DEFAULT_CONFIGS)}}} [NPROC|auto] "
-              "[TARGET_STEPS] [SAVE_STEPS] [EVAL_EVERY] [PATIENCE] [--key value ...]", file=sys.stderr)
+        given = repr(argv[0]) if argv else "nothing"
+        print(f"error: launcher kind: {given} is not one of {', '.join(DEFAULT_CONFIGS)}; usage: steadyvla launch "
+              f"{{{'|'.join(DEFAULT_CONFIGS)}}} [NPROC|auto] [TARGET_STEPS] [SAVE_STEPS] [EVAL_EVERY] [PATIENCE] "
+              "[--key value ...]", file=sys.stderr)
         return EXIT_USAGE
     try:
         command, notes = build_command(argv[0], argv[1:], dict(os.environ))
