@@ -21,7 +21,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from steadyvla.checkpoint.atomic import atomic_write_text, fsync_dir, fsync_tree
+from steadyvla.atomic_files import atomic_write_text, fsync_dir, fsync_tree
 from steadyvla.checkpoint.layout import (
     ASIDE_DIR_PREFIX,
     CHECKPOINTS_DIR,

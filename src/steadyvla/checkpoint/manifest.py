@@ -13,7 +13,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from steadyvla.checkpoint.atomic import atomic_write_json
+from steadyvla.atomic_files import atomic_write_json
 from steadyvla.checkpoint.layout import MANIFEST_FILE
 
 MANIFEST_FORMAT = "steadyvla-checkpoint-manifest"

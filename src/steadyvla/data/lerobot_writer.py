@@ -22,7 +22,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from PIL import Image
 
-from steadyvla.checkpoint.atomic import fsync_tree, replace_dir
+from steadyvla.atomic_files import fsync_tree, replace_dir
 from steadyvla.data.lerobot import CODEBASE_VERSION, DATA_PATH, EPISODES_PATH
 
 CHUNKS_SIZE = 1000  # files per chunk directory, LeRobot's default

@@ -18,7 +18,7 @@ from typing import Any
 
 import numpy as np
 
-from steadyvla.checkpoint.atomic import atomic_write_text
+from steadyvla.atomic_files import atomic_write_text
 
 _STAT_KEYS = ("mean", "std", "max", "min", "q01", "q99")
 # q99 - q01 below this is a constant dimension; dividing by it would blow noise up to +-1.

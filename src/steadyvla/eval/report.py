@@ -8,7 +8,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from steadyvla.checkpoint.atomic import atomic_write_json
+from steadyvla.atomic_files import atomic_write_json
 from steadyvla.checkpoint.layout import step_dir_name
 from steadyvla.eval.rollout import EpisodeResult
 

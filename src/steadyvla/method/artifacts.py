@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from steadyvla.checkpoint.atomic import fsync_tree, replace_dir
+from steadyvla.atomic_files import fsync_tree, replace_dir
 
 ICSM_META = "meta.json"
 # meta.json keys that describe the build environment, not the artifacts: left out of the content hash

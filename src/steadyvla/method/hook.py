@@ -21,7 +21,7 @@ from steadyvla.method.probe import ProbeSet, encode_probe_batch
 from steadyvla.method.thermostat import Thermostat, ThermostatSettings, broadcast_from_rank0
 from steadyvla.model.build import model_spec
 from steadyvla.model.prompt import DEFAULT_PROMPT_TEMPLATE, PromptBuilder, probe_template
-from steadyvla.train.hooks import TrainHook
+from steadyvla.hooks import TrainHook
 
 
 def _is_rank0() -> bool:

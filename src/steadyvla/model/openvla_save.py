@@ -18,7 +18,7 @@ from typing import Iterable
 import torch
 from safetensors.torch import save_file
 
-from steadyvla.checkpoint.atomic import fsync_tree, replace_dir
+from steadyvla.atomic_files import fsync_tree, replace_dir
 from steadyvla.model.openvla_config import (
     CONFIG_JSON, GENERATION_CONFIG_JSON, PREPROCESSOR_CONFIG_JSON, PROCESSOR_CONFIG_JSON, generation_config,
     openvla_config_from_spec, preprocessor_config_from_spec, processor_config,

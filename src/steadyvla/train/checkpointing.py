@@ -31,7 +31,7 @@ from steadyvla.config import RunConfig
 from steadyvla.data.sampler import DataPosition
 from steadyvla.distributed import DistEnv, gather_to_all
 from steadyvla.faults import fault_point
-from steadyvla.train.hooks import TrainHook
+from steadyvla.hooks import TrainHook
 from steadyvla.train.run_inputs import INPUTS_KEY
 from steadyvla.versions import library_versions
 

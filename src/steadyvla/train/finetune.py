@@ -12,7 +12,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from steadyvla.checkpoint.layout import DATASET_STATISTICS
-from steadyvla.checkpoint.atomic import mkdir_durable
+from steadyvla.atomic_files import mkdir_durable
 from steadyvla.checkpoint.manager import CheckpointError
 from steadyvla.checkpoint.run_lock import RunDirBusy, RunLock
 from steadyvla.config import DEMO_DATASET_NAME, ConfigError, RunConfig
@@ -27,7 +27,7 @@ from steadyvla.memory_report import Preflight, enforce, preflight_for
 from steadyvla.model.build import action_tokenizer_for, build_vla, load_tokenizer, model_spec, openvla_source, wrap_lora
 from steadyvla.model.prompt import PromptBuilder
 from steadyvla.train.checkpointing import TrainerCheckpointer, TrainState, load_into
-from steadyvla.train.hooks import TrainHook
+from steadyvla.hooks import TrainHook
 from steadyvla.train.loop import LoopResult, run_loop
 from steadyvla.train.metrics import MetricsLogger
 from steadyvla.train.optim import build_optimizer, build_scheduler, rebuild_scheduler, schedule_change

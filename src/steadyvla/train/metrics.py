@@ -13,7 +13,7 @@ from typing import Any
 
 import torch
 
-from steadyvla.checkpoint.atomic import atomic_write_text
+from steadyvla.atomic_files import atomic_write_text
 from steadyvla.checkpoint.layout import METRICS_JSONL, TENSORBOARD_DIR
 from steadyvla.model.action_tokenizer import ActionTokenizer
 from steadyvla.model.vla import VLAOutput

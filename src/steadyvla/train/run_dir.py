@@ -10,7 +10,7 @@ import traceback
 from pathlib import Path
 from typing import Any
 
-from steadyvla.checkpoint.atomic import atomic_write_text, mkdir_durable
+from steadyvla.atomic_files import atomic_write_text, mkdir_durable
 from steadyvla.checkpoint.layout import CONFIG_YAML, ERROR_LOG, STARTS_JSONL
 from steadyvla.config import RunConfig, dump_config
 from steadyvla.supervise import RESTART_ENV

@@ -1,4 +1,6 @@
-"""Extension points of the one training loop (the method plugs in here; the baseline has none)."""
+"""Extension points of the one training loop (the method plugs in here; the baseline has none).
+
+The interface the loop offers its plug-ins, so it sits below both `train/` and `method/`."""
 
 from __future__ import annotations
 

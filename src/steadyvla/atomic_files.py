@@ -1,5 +1,8 @@
 """Durable file primitives: fsync helpers and write-to-temp-then-rename.
 
+Below checkpoints, data and the method alike (each writes files that must survive a crash), so it
+lives at the package root rather than inside `checkpoint/`.
+
 ``os.replace`` is atomic on POSIX, but without fsyncs a power loss or kernel crash can still
 leave a renamed file empty or a rename forgotten. So: fsync the data before the rename, and the
 directory after it.
