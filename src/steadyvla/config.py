@@ -218,12 +218,17 @@ class RunConfig:
     thermostat_k_beta: float = 1.0
     thermostat_k_gamma: float = 2.0
     thermostat_base_scale: float = 1.0
-    # --- evaluation
+    # --- periodic evaluation during training (MetaWorld v3 rollouts on rank 0; eval/periodic.py)
     enable_periodic_eval: bool = False
-    eval_every_steps: int = 100
-    early_stopping_patience: int | None = None
-    early_stopping_min_delta: float = 0.0
-    early_stopping_enabled: bool = False  # accepted; needs periodic evaluation (not available yet)
+    eval_every_steps: int = 100  # every eval step also saves a checkpoint (the best one must exist)
+    eval_tasks: str | None = None  # comma-separated MetaWorld v3 tasks; None = the training data's MetaWorld tasks
+    eval_episodes: int = 10  # per task (`steadyvla eval --episodes`)
+    eval_seed: int = 0  # env placements (`steadyvla eval --seed`); independent of the training seed
+    eval_max_episode_steps: int = 150  # horizon of one episode (`steadyvla eval --max-steps`)
+    eval_num_envs: int = 8  # environments stepped in lockstep, one model batch per step
+    early_stopping_enabled: bool = False  # needs enable_periodic_eval; score = mean success rate over eval_tasks
+    early_stopping_patience: int = 5  # evaluations in a row without improvement before the run stops
+    early_stopping_min_delta: float = 0.0  # an eval improves when it beats the best score by at least this
     # --- the users' other settings (config_compat.py)
     use_quantization: bool = False  # true is refused until quantized loading exists
     use_wandb: bool = False  # also log metrics to Weights & Biases (pip extra `wandb`)
@@ -310,7 +315,8 @@ def _validate(cfg: RunConfig) -> None:
             raise ConfigError(f"config field `{key}`: {value!r} is not one of {', '.join(allowed)}")
     positive = ("batch_size", "grad_accumulation_steps", "max_steps", "save_steps", "lora_rank",
                 "log_every_steps", "probe_batch_size", "thermostat_update_interval", "probe_size", "icsm_rank",
-                "icsm_sensitivity_samples", "icsm_batch_size")
+                "icsm_sensitivity_samples", "icsm_batch_size", "eval_every_steps", "eval_episodes", "eval_num_envs",
+                "early_stopping_patience")
     for key in positive:
         if getattr(cfg, key) < 1:
             raise ConfigError(f"config field `{key}`: {getattr(cfg, key)} must be >= 1")
@@ -339,12 +345,31 @@ def _validate(cfg: RunConfig) -> None:
         raise ConfigError(
             f"config field `min_learning_rate`: {cfg.min_learning_rate} must be in [0, learning_rate={cfg.learning_rate}]"
         )
+    _validate_eval(cfg)
     if cfg.keep_last_k is not None and cfg.keep_last_k < 1:
         raise ConfigError(f"config field `keep_last_k`: {cfg.keep_last_k} must be >= 1 or null")
     if cfg.resume_global_step is not None and cfg.resume_global_step < 0:
         raise ConfigError(f"config field `resume_global_step`: {cfg.resume_global_step} must be >= 0 or null")
     if cfg.resume not in ("auto", "never") and not cfg.resume.strip():
         raise ConfigError("config field `resume`: empty; use auto, never or a checkpoint/run directory")
+
+
+def _validate_eval(cfg: RunConfig) -> None:
+    from steadyvla.sim.metaworld import METAWORLD_MAX_STEPS, TASK_INSTRUCTIONS
+
+    if not 1 <= cfg.eval_max_episode_steps <= METAWORLD_MAX_STEPS:
+        raise ConfigError(f"config field `eval_max_episode_steps`: {cfg.eval_max_episode_steps} must be in "
+                          f"[1, {METAWORLD_MAX_STEPS}] (MetaWorld's episode limit)")
+    if cfg.early_stopping_min_delta < 0:
+        raise ConfigError(f"config field `early_stopping_min_delta`: {cfg.early_stopping_min_delta} must be >= 0")
+    if cfg.eval_tasks is not None:
+        tasks = [t.strip() for t in cfg.eval_tasks.split(",") if t.strip()]
+        unknown = [t for t in tasks if t not in TASK_INSTRUCTIONS]
+        if not tasks or unknown or len(set(tasks)) != len(tasks):
+            what = f"unknown {', '.join(unknown)}" if unknown else "empty or repeated names"
+            raise ConfigError(f"config field `eval_tasks`: {cfg.eval_tasks!r}: {what}; valid: comma-separated "
+                              f"distinct MetaWorld v3 tasks from {', '.join(TASK_INSTRUCTIONS)}, or null for "
+                              "the training data's tasks")
 
 
 def build_config(values: dict[str, Any]) -> RunConfig:

@@ -17,7 +17,7 @@ import json
 import os
 import shutil
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -76,7 +76,7 @@ class CheckpointManager:
     killed saves) runs under the run dir's lock (``RunLock``, re-entrant for the process that
     already holds it for the whole run). Saves through one manager are serialized.
     ``keep_last_k`` keeps the k newest complete checkpoints, ``save_latest_only`` keeps one;
-    with neither, every complete checkpoint is kept.
+    with neither, every complete checkpoint is kept. A save's ``keep_steps`` are kept in any case.
     """
 
     def __init__(self, run_dir: Path, *, keep_last_k: int | None = None,
@@ -92,13 +92,14 @@ class CheckpointManager:
     # ------------------------------------------------------------------ saving
 
     def save(self, step: int, write_fn: Callable[[Path], None],
-             dir_name: str | None = None) -> Path:
+             dir_name: str | None = None, keep_steps: Collection[int] = ()) -> Path:
         """Write a checkpoint atomically and make it ``latest``; return its final path.
 
         ``write_fn(tmp_dir)`` writes the checkpoint's files into a fresh temporary directory. If it
         raises, the temporary directory is removed, the exception propagates, and the previous
         checkpoints and ``latest`` are untouched. Retention runs only after the new checkpoint is
-        complete and ``latest`` names it.
+        complete and ``latest`` names it; complete checkpoints of ``keep_steps`` (e.g. the best by
+        eval score) are kept on top of the ``keep_last_k`` newest.
         """
         name = dir_name if dir_name is not None else step_dir_name(step)
         if not name or "/" in name or os.sep in name or name.startswith(".") or name == LATEST_FILE:
@@ -122,7 +123,7 @@ class CheckpointManager:
                 raise
             final = self._commit(tmp, name)
             atomic_write_text(self.root / LATEST_FILE, name + "\n")
-            self._apply_retention(name)
+            self._apply_retention(name, set(keep_steps))
         return final
 
     def _prepare_root(self) -> None:
@@ -163,7 +164,7 @@ class CheckpointManager:
             fsync_dir(self.root)
         return final
 
-    def _apply_retention(self, latest_name: str) -> None:
+    def _apply_retention(self, latest_name: str, keep_steps: set[int]) -> None:
         infos = self.list_checkpoints(deep=False)
         latest = next((i for i in infos if i.name == latest_name), None)
         if latest is None:
@@ -174,6 +175,7 @@ class CheckpointManager:
         complete = sorted((i for i in older if i.complete), key=lambda i: i.step, reverse=True)
         keep = {i.name for i in complete} if self.keep_last_k is None else {
             i.name for i in complete[: self.keep_last_k - 1]}
+        keep |= {i.name for i in complete if i.step in keep_steps}
         doomed = [i for i in older if i.name not in keep]
         for info in doomed:
             why = "retention" if info.complete else f"incomplete: {'; '.join(info.problems)}"

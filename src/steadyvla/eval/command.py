@@ -114,10 +114,12 @@ def write_videos(results: dict[str, list[EpisodeResult]], video_dir: Path) -> li
     return names
 
 
-def run_eval(req: EvalRequest, log=print, source: ActionSource | None = None) -> dict[str, Any]:
+def run_eval(req: EvalRequest, log=print, source: ActionSource | None = None,
+             settings: dict[str, Any] | None = None) -> dict[str, Any]:
     """Evaluate and write the results JSON (and videos); returns the report.
 
-    `source` replaces the model (tests: a scripted expert); then `req.out` names the output.
+    `source` replaces the model (tests: a scripted expert; periodic eval: the model in training);
+    then `req.out` names the output. `settings` adds to what the report records about the run.
     """
     from steadyvla.eval.policy import check_action_dims, load_checkpoint_target, load_openvla_target, \
         vla_action_source
@@ -130,8 +132,8 @@ def run_eval(req: EvalRequest, log=print, source: ActionSource | None = None) ->
 
         checkpoint = resolve_checkpoint(checkpoint)  # verified once; a named checkpoint resolves to itself
         run_statistics(checkpoint)
-    settings: dict[str, Any] = {"checkpoint": str(req.checkpoint) if req.checkpoint else None,
-                                "vla_path": str(req.vla_path) if req.vla_path else None}
+    settings = {"checkpoint": str(req.checkpoint) if req.checkpoint else None,
+                "vla_path": str(req.vla_path) if req.vla_path else None, **(settings or {})}
     out, run_size = req.out, None
     if source is None:
         target = load_checkpoint_target(checkpoint, req.vla_path, req.unnorm_key, req.device) if checkpoint \

@@ -36,6 +36,8 @@ from steadyvla.train.run_inputs import INPUTS_KEY
 from steadyvla.versions import library_versions
 
 STATE_FORMAT_VERSION = 1
+# Every hook's state, keyed by its name: trainer_state.json["method"][name] and tensors
+# "method.<name>.*" (the key predates hooks other than the method; kept for old checkpoints).
 METHOD_PREFIX = "method"
 REWINDS_KEY = "rewinds"  # trainer_state.json: the explicit rewinds (name@step) this history went through
 
@@ -63,6 +65,7 @@ class Snapshot:
     adapter_config: Any
     tensors: dict[str, torch.Tensor]
     meta: dict[str, Any]
+    keep_steps: frozenset[int] = frozenset()  # checkpoints retention must keep (hooks' protected_steps)
 
 
 def take_snapshot(state: TrainState, cfg: RunConfig, env: DistEnv = DistEnv(),
@@ -80,7 +83,9 @@ def take_snapshot(state: TrainState, cfg: RunConfig, env: DistEnv = DistEnv(),
     for rng_tensors, _ in all_rng:
         tensors.update(rng_tensors)
     method_meta: dict[str, Any] = {}
+    keep_steps: set[int] = set()
     for hook in state.hooks:
+        keep_steps |= hook.protected_steps()
         hook_tensors, hook_meta = hook.state_dict()
         tensors.update(snapshot_tensors(f"{METHOD_PREFIX}.{hook.name}", hook_tensors))
         method_meta[hook.name] = hook_meta
@@ -94,7 +99,7 @@ def take_snapshot(state: TrainState, cfg: RunConfig, env: DistEnv = DistEnv(),
         "optimizer": optim_meta,
         "rng": {f"rank{r}": rng_meta for r, (_, rng_meta) in enumerate(all_rng)},
         "metrics": state.metrics_state,
-        "method": method_meta,
+        METHOD_PREFIX: method_meta,
         "world_size": env.world_size,
         REWINDS_KEY: list(state.rewinds),
         "config_digest": cfg.digest(),
@@ -104,7 +109,7 @@ def take_snapshot(state: TrainState, cfg: RunConfig, env: DistEnv = DistEnv(),
     if inputs is not None:
         meta[INPUTS_KEY] = inputs
     adapter_config = copy.deepcopy(state.model.peft_config["default"])
-    return Snapshot(state.global_step, adapter, adapter_config, tensors, meta)
+    return Snapshot(state.global_step, adapter, adapter_config, tensors, meta, frozenset(keep_steps))
 
 
 def write_snapshot(snapshot: Snapshot, ckpt_dir: Path) -> None:
@@ -139,7 +144,8 @@ def load_into(state: TrainState, ckpt_dir: Path, *, rank: int = 0, log: Callable
         log(f"rank {rank}: checkpoint {ckpt_dir.name} was written by {meta['world_size']} rank(s) and has no RNG "
             "state for this rank; it keeps its seeded RNG (the data order is unaffected)")
     for hook in state.hooks:
-        hook.load_state_dict(select_prefix(tensors, f"{METHOD_PREFIX}.{hook.name}"), meta["method"].get(hook.name, {}))
+        hook.load_state_dict(select_prefix(tensors, f"{METHOD_PREFIX}.{hook.name}"),
+                             meta.get(METHOD_PREFIX, {}).get(hook.name, {}))
     state.global_step = int(meta["global_step"])
     state.data_position = DataPosition.from_dict(meta["data_position"])
     state.metrics_state = meta.get("metrics", {})
@@ -200,7 +206,7 @@ class TrainerCheckpointer:
             self._write_retrying(snapshot, err)
 
     def _write(self, snapshot: Snapshot) -> Path:
-        return self.manager.save(snapshot.step, lambda d: write_snapshot(snapshot, d))
+        return self.manager.save(snapshot.step, lambda d: write_snapshot(snapshot, d), keep_steps=snapshot.keep_steps)
 
     def _write_retrying(self, snapshot: Snapshot, error: Exception | None = None) -> Path:
         name = f"{CHECKPOINTS_DIR}/{step_dir_name(snapshot.step)}"

@@ -22,6 +22,7 @@ from steadyvla.data.frames import FrameSource
 from steadyvla.data.sampler import DataPosition, ResumableBatchSampler
 from steadyvla.data.stats import compute_action_statistics, load_dataset_statistics, write_dataset_statistics
 from steadyvla.data.transforms import ImageTransform
+from steadyvla.eval.periodic import PeriodicEvalHook, periodic_eval_tasks, stopped_early_message
 from steadyvla.distributed import DistEnv, barrier, init_distributed, shutdown, wrap_data_parallel
 from steadyvla.memory_report import Preflight, enforce, preflight_for
 from steadyvla.model.build import action_tokenizer_for, build_vla, load_tokenizer, model_spec, openvla_source, wrap_lora
@@ -94,8 +95,9 @@ def unavailable_settings(cfg: RunConfig) -> list[str]:
         notes.append("merge_lora_during_training: true is ignored: merging during training reloads the base "
                       "model and caused the users' host OOM kills; checkpoints hold the PEFT adapter instead, and "
                       "`steadyvla merge --checkpoint RUN_DIR --out DIR` merges one offline")
-    if cfg.enable_periodic_eval or cfg.early_stopping_enabled or cfg.early_stopping_patience is not None:
-        notes.append("enable_periodic_eval / early_stopping_*: periodic evaluation is not available yet; ignored")
+    if cfg.early_stopping_enabled and not cfg.enable_periodic_eval:
+        notes.append("early_stopping_enabled: true has no effect without enable_periodic_eval: true (early "
+                     "stopping watches the periodic evaluation's score)")
     return notes
 
 
@@ -213,6 +215,12 @@ def _train(cfg: RunConfig, env: DistEnv, log: Callable[[str], None], run_dir: Pa
         _check_resume_inputs(cfg, plan, inputs, changes, log)
     all_stats, stats_computed = action_statistics(cfg, source, run_dir, resuming=plan.checkpoint is not None)
     stats = all_stats[cfg.dataset_name]["action"]
+    eval_tasks = periodic_eval_tasks(cfg, source, len(stats["q01"]), log)  # None: off
+    if eval_tasks and plan.checkpoint is not None:
+        stopped = stopped_early_message(cfg, plan.state, eval_tasks, run_dir)
+        if stopped is not None:
+            log(stopped)
+            return LoopResult(plan.step, preempted=False, stopped_early=True)
     seed_everything(cfg.seed)
     if env.is_main:
         if plan.checkpoint is not None and plan.state.get("world_size", 1) != env.world_size:
@@ -246,6 +254,8 @@ def _train(cfg: RunConfig, env: DistEnv, log: Callable[[str], None], run_dir: Pa
         from steadyvla.method.hook import MethodHook
 
         hooks.append(MethodHook(cfg, model, tokenizer, artifacts, probe, device))
+    if eval_tasks:
+        hooks.append(PeriodicEvalHook(cfg, model, tokenizer, spec, all_stats, eval_tasks, run_dir, env, log))
     state = TrainState(model, optimizer, scheduler, DataPosition(), hooks=hooks)
     if plan.checkpoint is not None:
         load_into(state, plan.checkpoint, rank=env.rank, log=say)
@@ -292,6 +302,7 @@ def _train(cfg: RunConfig, env: DistEnv, log: Callable[[str], None], run_dir: Pa
     result.model = model
     result.memory_estimate = memory.estimate
     if not result.preempted:
-        log(f"done: {result.final_step} steps; adapter + state in {run_dir}/checkpoints, metrics in "
-            f"{run_dir}/metrics.jsonl")
+        ended = "stopped early after" if result.stopped_early else "done:"
+        log(f"{ended} {result.final_step} steps; adapter + state in {run_dir}/checkpoints, metrics in "
+            f"{run_dir}/metrics.jsonl" + (f", evaluations in {run_dir}/eval" if eval_tasks else ""))
     return result

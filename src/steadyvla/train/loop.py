@@ -2,7 +2,8 @@
 
 Per optimizer step: `grad_accumulation_steps` micro-batches (forward, backward), hooks, clip,
 AdamW step, scheduler step, one metrics record; a checkpoint every `save_steps` optimizer steps,
-at the last step, and when a preemption signal arrived.
+at the last step, when a preemption signal arrived, and where a hook asks for one (periodic eval
+steps). A hook that asks to stop (early stopping) ends the run after a checkpoint of that step.
 """
 
 from __future__ import annotations
@@ -36,6 +37,7 @@ class LoopResult:
 
     final_step: int
     preempted: bool
+    stopped_early: bool = False  # a hook (early stopping) ended the run before max_steps
     model: torch.nn.Module | None = None  # the trained model (set by the entry point)
     memory_estimate: MemoryEstimate | None = None  # the preflight's (set by the entry point)
 
@@ -100,20 +102,32 @@ def run_loop(
             for hook in state.hooks:
                 metrics.update(hook.on_step_end(state.global_step))
             metrics = {**mean_across_ranks(metrics, env), "lr": lr, "epoch": state.data_position.epoch}
-            if state.global_step % cfg.log_every_steps == 0 or state.global_step == cfg.max_steps:
+            boundary: dict[str, float] = {}  # equal on every rank already (e.g. evaluation results)
+            for hook in state.hooks:
+                boundary.update(hook.at_step_boundary(state.global_step))
+            metrics.update(boundary)
+            last = state.global_step == cfg.max_steps
+            if boundary or state.global_step % cfg.log_every_steps == 0 or last:
                 logger.log(state.global_step, {**metrics, **memory_metrics(env.device)})
             bar.update(1)
             bar.set_postfix(loss=f"{metrics['train_loss']:.4f}", lr=f"{lr:.2e}")
             checkpointer.check()  # a failed background save surfaces (and is retried) here
             preempted = any_rank(preemption.requested is not None, env)
-            if state.global_step % cfg.save_steps == 0 or state.global_step == cfg.max_steps or preempted:
+            stopping = [hook for hook in state.hooks if hook.should_stop()]  # same on every rank
+            hook_save = any(hook.wants_checkpoint(state.global_step) for hook in state.hooks)
+            if state.global_step % cfg.save_steps == 0 or last or preempted or stopping or hook_save:
                 state.metrics_state = logger.state_dict()
                 logger.sync()
-                checkpointer.save(state, blocking=preempted or state.global_step == cfg.max_steps)
+                checkpointer.save(state, blocking=preempted or last or bool(stopping))
             if preempted:
                 log(f"steadyvla: preempted: checkpoint of step {state.global_step} is complete; exiting 0. "
                     "Run the same command again to continue.")
                 return LoopResult(state.global_step, preempted=True)
+            if stopping:
+                checkpointer.wait()
+                log(f"steadyvla: {'; '.join(hook.stop_message() for hook in stopping)}. Checkpoint of step "
+                    f"{state.global_step} is complete; exiting 0.")
+                return LoopResult(state.global_step, preempted=False, stopped_early=True)
     finally:
         bar.close()
     checkpointer.wait()
