@@ -64,10 +64,11 @@ def test_digest_ignores_harmless_fields():
 def test_accepted_but_inactive_settings_are_announced():
     from steadyvla.train.finetune import unavailable_settings
 
-    notes = unavailable_settings(build_config({"merge_lora_during_training": True, "enable_periodic_eval": True}))
+    notes = unavailable_settings(build_config({"merge_lora_during_training": True, "early_stopping_enabled": True}))
     assert any("merge_lora_during_training: true is ignored" in n for n in notes)
-    assert any("periodic evaluation is not available yet" in n for n in notes)
+    assert any("early_stopping_enabled: true has no effect without enable_periodic_eval" in n for n in notes)
     assert unavailable_settings(build_config({})) == []
+    assert unavailable_settings(build_config({"enable_periodic_eval": True, "early_stopping_enabled": True})) == []
 
 
 def test_yaml_that_does_not_parse_is_one_error_line(tmp_path, capsys):

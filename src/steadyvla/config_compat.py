@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     from steadyvla.config import RunConfig
 
+_NO_LIBERO = "LIBERO cannot be simulated here; periodic evaluation runs MetaWorld v3"
 # Keys that steered the users' old environment only: accepted, ignored, announced at start.
 NO_OP_KEYS: dict[str, str] = {
     "cache_dir": "HF hub cache; steadyvla loads weights from local directories only",
@@ -26,11 +27,11 @@ NO_OP_KEYS: dict[str, str] = {
                                  "(see `num_workers`)",
     "rlds_traj_transform_threads": "TensorFlow RLDS parallelism; see `num_workers`",
     "rlds_traj_read_threads": "TensorFlow RLDS parallelism; see `num_workers`",
-    "eval_task_suite_name": "LIBERO evaluation during training is not available yet",
-    "eval_num_trials_per_task": "LIBERO evaluation during training is not available yet",
-    "eval_center_crop": "LIBERO evaluation during training is not available yet",
-    "eval_run_id_note": "LIBERO evaluation during training is not available yet",
-    "eval_cpu_fallback_on_oom": "LIBERO evaluation during training is not available yet",
+    "eval_task_suite_name": f"{_NO_LIBERO}; `eval_tasks` names the MetaWorld v3 tasks",
+    "eval_num_trials_per_task": f"{_NO_LIBERO}; `eval_episodes` is the number of episodes per task",
+    "eval_center_crop": f"{_NO_LIBERO}; evaluation uses the training run's preprocessing",
+    "eval_run_id_note": f"{_NO_LIBERO}; results go to <run_dir>/eval/",
+    "eval_cpu_fallback_on_oom": f"{_NO_LIBERO}; evaluation runs on the training device",
     "hf_token": "nothing is downloaded; vla_path and data_root_dir are local",
     "trackers": "metrics go to metrics.jsonl and TensorBoard; `use_wandb: true` adds Weights & Biases",
     "vla": "full training's model registry choice; the model is `model_preset` + `vla_path`",
@@ -44,7 +45,9 @@ MAPPED_KEYS: dict[str, str] = {
                     "when `icms_artifact_dir` is unset",
     "probe_root_dir": "the root that `probe_dataset_name` is read from (default: data_root_dir)",
     "probe_image_root": "the base of relative image paths in `probe_jsonl` (default: the file's directory)",
-    "early_stopping_enabled": "early stopping needs periodic evaluation, which is not available yet",
+    "early_stopping_enabled": "stops the run once the periodic evaluation's mean success rate over `eval_tasks` "
+                              "has not improved by `early_stopping_min_delta` for `early_stopping_patience` "
+                              "evaluations in a row (needs `enable_periodic_eval: true`)",
     "use_wandb": "logs every metrics.jsonl row to Weights & Biases too (pip extra `wandb`)",
 }
 

@@ -128,7 +128,7 @@ def stopped_early_message(cfg: RunConfig, trainer_state: dict[str, Any], tasks: 
     if not tracker.should_stop:
         return None
     return (f"run already stopped early at step {trainer_state['global_step']}: {tracker.evals_without_improvement} "
-            f"evaluations without improvement (early_stopping_patience {cfg.early_stopping_patience}); "
+            f"evaluation(s) without improvement (early_stopping_patience {cfg.early_stopping_patience}); "
             f"{_stop_summary(tracker, run_dir)}. Nothing to do; raise early_stopping_patience or set "
             "early_stopping_enabled: false to train on")
 
@@ -218,7 +218,7 @@ class PeriodicEvalHook(TrainHook):
 
     def stop_message(self) -> str:
         return (f"early stopping at step {self.tracker.history[-1][0]}: {SCORE_KEY} has not improved by "
-                f">= {self.cfg.early_stopping_min_delta} for {self.tracker.evals_without_improvement} evaluations "
+                f">= {self.cfg.early_stopping_min_delta} for {self.tracker.evals_without_improvement} evaluation(s) "
                 f"(early_stopping_patience {self.cfg.early_stopping_patience}); {_stop_summary(self.tracker, self.run_dir)}")
 
     def _evaluate(self, step: int, heartbeat: Callable[[], None]) -> dict[str, Any]:

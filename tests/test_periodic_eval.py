@@ -1,0 +1,181 @@
+"""Periodic evaluation during training: it does not disturb training (bitwise), early stopping
+survives kill -9 (stops at the same step), the best checkpoint survives retention, bad input."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import signal
+from pathlib import Path
+
+import pytest
+
+from helpers import (DEMO_CONFIG, assert_bitwise_equal, checkpoint_tensors, finetune_args, metrics_lines, run_cli,
+                     run_dir_of)
+from steadyvla.checkpoint.layout import CHECKPOINTS_DIR
+from steadyvla.checkpoint.manager import CheckpointManager
+from steadyvla.config import ConfigError, build_config, load_config
+from steadyvla.eval.early_stopping import EarlyStopping
+from steadyvla.eval.periodic import HOOK_NAME, SCORE_KEY, periodic_eval_tasks
+from steadyvla.faults import FAULT_ENV
+from steadyvla.sim.metaworld import TASK_INSTRUCTIONS
+from steadyvla.train.finetune import finetune
+
+needs_metaworld = pytest.mark.skipif(importlib.util.find_spec("metaworld") is None,
+                                     reason="MetaWorld is not installed (pip install 'steadyvla[demo]')")
+# cheap evaluation: 1 task, 1 episode of 1 env step, 32 px frames
+EVAL = dict(enable_periodic_eval=True, eval_every_steps=2, eval_tasks="reach-v3", eval_episodes=1,
+            eval_max_episode_steps=1, eval_num_envs=1)
+METHOD = dict(method_enabled=True, probe_size=16, probe_batch_size=4, icsm_rank=8, icsm_sensitivity_samples=8,
+              thermostat_warmup_steps=2, thermostat_update_interval=2, thermostat_k_beta=50.0,
+              thermostat_k_gamma=100.0, thermostat_base_scale=0.0)
+
+
+def _values(synthetic_root: Path, run_root: Path, **extra) -> dict:
+    """A tiny run that draws from every RNG (augmentation, dropout) so a disturbed RNG would show."""
+    values = dict(data_root_dir=str(synthetic_root), dataset_name="synth", run_root_dir=str(run_root), run_id="pe",
+                  batch_size=2, grad_accumulation_steps=2, max_steps=4, save_steps=4, lora_rank=4,
+                  learning_rate=0.01, image_aug=True, lora_dropout=0.1, progress_bar=False, seed=5,
+                  demo_image_size=32)
+    values.update(extra)
+    return values
+
+
+def _train(values: dict):
+    """In-process, with the same configuration `finetune_args` gives the CLI (configs/demo.yaml + values)."""
+    return finetune(load_config(DEMO_CONFIG, values), log=lambda _m: None)
+
+
+def _without_eval_keys(rows: list[dict]) -> list[dict]:
+    return [{k: v for k, v in row.items() if not k.startswith("eval_")} for row in rows]
+
+
+def _ckpt_names(run_dir: Path) -> list[str]:
+    return sorted(p.name for p in (run_dir / CHECKPOINTS_DIR).iterdir() if p.is_dir())
+
+
+# ---------------------------------------------------------------------------- early stopping rules
+
+def test_early_stopping_counts_evaluations_without_improvement_by_min_delta():
+    tracker = EarlyStopping(patience=2, min_delta=0.1)
+    assert tracker.observe(10, 0.2)  # the first evaluation is the best so far
+    assert tracker.observe(20, 0.3)  # +0.1 counts although 0.3 - 0.2 < 0.1 in floating point
+    assert not tracker.observe(30, 0.35) and tracker.patience_left == 1 and not tracker.should_stop
+    assert not tracker.observe(40, 0.3) and tracker.should_stop
+    assert (tracker.best_score, tracker.best_step) == (0.3, 20)
+    again = EarlyStopping(patience=2, min_delta=0.1)
+    again.load_state_dict(json.loads(json.dumps(tracker.state_dict())))
+    assert again.state_dict() == tracker.state_dict() and again.should_stop
+    assert not EarlyStopping(patience=1, enabled=False, evals_without_improvement=5, best_score=0.0).should_stop
+    flat = EarlyStopping(patience=1)
+    flat.observe(2, 0.0)
+    assert not flat.observe(4, 0.0) and flat.should_stop  # a tie is no improvement
+
+
+def test_retention_keeps_protected_steps_beyond_keep_last_k(tmp_path):
+    manager = CheckpointManager(tmp_path, keep_last_k=1, log=lambda _m: None)
+
+    def write(step):
+        return lambda d: (d / "trainer_state.json").write_text(json.dumps({"global_step": step}))
+
+    for step in (2, 4, 6):
+        manager.save(step, write(step), keep_steps={2})
+    assert _ckpt_names(tmp_path) == ["step-000002", "step-000006"]
+    manager.save(8, write(8))  # protection is per save: without it the old best goes
+    assert _ckpt_names(tmp_path) == ["step-000008"]
+
+
+# ------------------------------------------------------------------------------------- bad input
+
+@pytest.mark.parametrize("change, words", [
+    ({"eval_tasks": "reach-v3,fly-v3"}, ["eval_tasks", "fly-v3", "reach-v3"]),
+    ({"eval_tasks": "reach-v3,reach-v3"}, ["eval_tasks", "repeated"]),
+    ({"eval_every_steps": 0}, ["eval_every_steps", "0", ">= 1"]),
+    ({"eval_episodes": 0}, ["eval_episodes", ">= 1"]),
+    ({"eval_max_episode_steps": 501}, ["eval_max_episode_steps", "501", "[1, 500]"]),
+    ({"early_stopping_patience": 0}, ["early_stopping_patience", ">= 1"]),
+    ({"early_stopping_min_delta": -0.1}, ["early_stopping_min_delta", ">= 0"]),
+])
+def test_bad_eval_settings_are_config_errors_naming_the_field(change, words):
+    with pytest.raises(ConfigError) as err:
+        build_config({**EVAL, **change})
+    for word in words:
+        assert word in str(err.value)
+
+
+class _Source:
+    def __init__(self, instructions):
+        self.instructions = instructions
+
+
+def test_eval_tasks_default_to_the_metaworld_tasks_of_the_training_data():
+    notes = []
+    cfg = build_config({"enable_periodic_eval": True, "dataset_name": "libero_spatial_no_noops"})
+    demo = _Source([TASK_INSTRUCTIONS["push-v3"], TASK_INSTRUCTIONS["reach-v3"], "something else"])
+    assert periodic_eval_tasks(cfg, demo, 4, notes.append) == ["reach-v3", "push-v3"]
+    assert periodic_eval_tasks(cfg, _Source(["put the bowl on the plate"]), 7, notes.append) is None
+    assert "libero_spatial_no_noops" in notes[0] and "MetaWorld v3" in notes[0] and "off" in notes[0]
+    assert periodic_eval_tasks(build_config({}), demo, 4, notes.append) is None  # not enabled
+    with pytest.raises(ConfigError, match="enable_periodic_eval.*7-dimensional"):
+        periodic_eval_tasks(build_config({**EVAL}), demo, 7, notes.append)
+
+
+# ------------------------------------------------------------------------------------ end to end
+
+@needs_metaworld
+def test_eval_on_trains_bitwise_the_same_as_off_with_the_method_and_writes_results(synthetic_root, tmp_path):
+    common = dict(keep_last_k=1, icms_artifact_dir=str(tmp_path / "icsm"), **METHOD)
+    off = _values(synthetic_root, tmp_path / "off", **common)
+    on = _values(synthetic_root, tmp_path / "on", **common, **EVAL)
+    assert _train(off).final_step == 4 and _train(on).final_step == 4
+    off_dir, on_dir = run_dir_of(off), run_dir_of(on)
+    assert_bitwise_equal(checkpoint_tensors(on_dir / CHECKPOINTS_DIR / "step-000004"),
+                         checkpoint_tensors(off_dir / CHECKPOINTS_DIR / "step-000004"))  # adapter, AdamW, RNG
+    on_rows = metrics_lines(on_dir)
+    assert _without_eval_keys(on_rows) == metrics_lines(off_dir)  # loss, lr, drift, beta/gamma: all equal
+    assert [r["step"] for r in on_rows if SCORE_KEY in r] == [2, 4]
+    assert all(f"{SCORE_KEY}/reach-v3" in r and "hsw_beta" in r for r in on_rows if SCORE_KEY in r)
+    for step in (2, 4):
+        report = json.loads((on_dir / "eval" / f"step-{step:06d}.json").read_text())
+        assert report["global_step"] == step and report["tasks"]["reach-v3"]["episodes"] == 1
+        assert report["during_training"] and report["max_steps"] == 1 and report["image_size"] == 32
+    # both hooks' states in the checkpoint, by name; the best (step 2: a later tie is no improvement) is
+    # kept although keep_last_k is 1 and save_steps 4 (every eval step saves)
+    state = json.loads((on_dir / CHECKPOINTS_DIR / "step-000004" / "trainer_state.json").read_text())
+    assert set(state["method"]) == {"method", HOOK_NAME}
+    assert state["method"][HOOK_NAME]["tracker"]["best_step"] == 2
+    assert _ckpt_names(on_dir) == ["step-000002", "step-000004"]
+    # a resumed run knows the best too: its saves keep step 2 while keep_last_k=1 drops the others
+    assert _train({**on, "max_steps": 6}).final_step == 6
+    assert _ckpt_names(on_dir) == ["step-000002", "step-000006"]
+
+
+@needs_metaworld
+def test_killed_run_with_early_stopping_stops_at_the_same_step_as_uninterrupted(synthetic_root, tmp_path, capsys):
+    stopping = dict(EVAL, early_stopping_enabled=True, early_stopping_patience=1, max_steps=8)
+    reference = _values(synthetic_root, tmp_path / "ref", **stopping)
+    result = _train(reference)
+    assert result.stopped_early and result.final_step == 4  # evals at 2 (best) and 4 (no improvement)
+    values = _values(synthetic_root, tmp_path / "run", **stopping)
+    # killed after the eval of step 4, before its checkpoint: the resume starts from step 2, whose
+    # early-stopping state must come back (a fresh one would take step 4 as the best and go on)
+    killed = run_cli(finetune_args(values), extra_env={FAULT_ENV: "after_eval@4"})
+    assert killed.returncode == -signal.SIGKILL
+    run_dir = run_dir_of(values)
+    assert (run_dir / CHECKPOINTS_DIR / "latest").read_text().strip() == "step-000002"
+    done = run_cli(finetune_args(values))
+    assert done.returncode == 0, done.stdout + done.stderr
+    ckpt = run_dir / CHECKPOINTS_DIR / "step-000002"
+    assert (f"early stopping at step 4: {SCORE_KEY} has not improved by >= 0.0 for 1 evaluation(s) "
+            f"(early_stopping_patience 1); best {SCORE_KEY} 0.000 at step 2, checkpoint {ckpt}") in done.stdout
+    ref_dir = run_dir_of(reference)
+    assert metrics_lines(run_dir) == metrics_lines(ref_dir)  # training and eval keys, line by line
+    assert_bitwise_equal(checkpoint_tensors(run_dir / CHECKPOINTS_DIR / "step-000004"),
+                         checkpoint_tensors(ref_dir / CHECKPOINTS_DIR / "step-000004"))
+    assert (run_dir / CHECKPOINTS_DIR / "latest").read_text().strip() == "step-000004"
+    # once stopped, the same command does nothing (exit 0) and says so
+    from steadyvla.cli import main
+
+    assert main(finetune_args(values)) == 0
+    assert "run already stopped early at step 4" in capsys.readouterr().out
+    assert [r["step"] for r in metrics_lines(run_dir)] == [1, 2, 3, 4]
