@@ -6,12 +6,14 @@ from __future__ import annotations
 import importlib.util
 import json
 import signal
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 
-from helpers import (DEMO_CONFIG, assert_bitwise_equal, checkpoint_tensors, finetune_args, metrics_lines, run_cli,
-                     run_dir_of)
+from helpers import (DEMO_CONFIG, assert_bitwise_equal, checkpoint_tensors, cli_command, cli_env, finetune_args,
+                     metrics_lines, run_cli, run_dir_of)
 from steadyvla.checkpoint.layout import CHECKPOINTS_DIR
 from steadyvla.checkpoint.manager import CheckpointManager
 from steadyvla.config import ConfigError, build_config, load_config
@@ -179,3 +181,21 @@ def test_killed_run_with_early_stopping_stops_at_the_same_step_as_uninterrupted(
     assert main(finetune_args(values)) == 0
     assert "run already stopped early at step 4" in capsys.readouterr().out
     assert [r["step"] for r in metrics_lines(run_dir)] == [1, 2, 3, 4]
+
+
+@needs_metaworld
+def test_two_ranks_evaluate_on_rank_0_and_stop_together(synthetic_root, tmp_path):
+    values = _values(synthetic_root, tmp_path, **EVAL, early_stopping_enabled=True, early_stopping_patience=1,
+                     max_steps=8)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+           *cli_command(finetune_args(values))[1:]]
+    done = subprocess.run(cmd, env=cli_env({"OMP_NUM_THREADS": "1"}), capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert done.stdout.count("early stopping at step 4") == 1  # rank 0 speaks; rank 1 stopped with it
+    run_dir = run_dir_of(values)
+    rows = metrics_lines(run_dir)
+    assert [r["step"] for r in rows] == [1, 2, 3, 4]
+    assert [r["step"] for r in rows if SCORE_KEY in r] == [2, 4]
+    assert sorted(p.name for p in (run_dir / "eval").iterdir()) == ["step-000002.json", "step-000004.json"]
+    state = json.loads((run_dir / CHECKPOINTS_DIR / "step-000004" / "trainer_state.json").read_text())
+    assert state["world_size"] == 2 and state["method"][HOOK_NAME]["tracker"]["evals_without_improvement"] == 1
