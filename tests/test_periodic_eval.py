@@ -5,12 +5,15 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import random
 import signal
 import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
+import torch
 
 from helpers import (DEMO_CONFIG, assert_bitwise_equal, checkpoint_tensors, cli_command, cli_env, finetune_args,
                      metrics_lines, run_cli, run_dir_of)
@@ -18,7 +21,8 @@ from steadyvla.checkpoint.layout import CHECKPOINTS_DIR
 from steadyvla.checkpoint.manager import CheckpointManager
 from steadyvla.config import ConfigError, build_config, load_config
 from steadyvla.eval.early_stopping import EarlyStopping
-from steadyvla.eval.periodic import HOOK_NAME, SCORE_KEY, periodic_eval_tasks
+from steadyvla.eval.periodic import (HOOK_NAME, SCORE_KEY, _tracker_from, eval_settings, isolated_eval,
+                                    periodic_eval_tasks)
 from steadyvla.faults import FAULT_ENV
 from steadyvla.sim.metaworld import TASK_INSTRUCTIONS
 from steadyvla.train.finetune import finetune
@@ -85,6 +89,34 @@ def test_retention_keeps_protected_steps_beyond_keep_last_k(tmp_path):
     assert _ckpt_names(tmp_path) == ["step-000002", "step-000006"]
     manager.save(8, write(8))  # protection is per save: without it the old best goes
     assert _ckpt_names(tmp_path) == ["step-000008"]
+
+
+def test_isolated_eval_restores_every_rng_and_module_mode_and_seeds_its_own():
+    model = torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.Dropout(0.5))
+    model.train()
+    model[0].eval()  # a module the trainer keeps in eval mode stays so
+    random.seed(1), np.random.seed(1), torch.manual_seed(1)
+    before = (random.getstate(), np.random.get_state()[1].copy(), torch.get_rng_state())
+    draws = []
+    for _ in range(2):
+        with isolated_eval(model, rank=0, seed=9):
+            assert not model.training and not torch.is_grad_enabled()
+            draws.append((random.random(), float(np.random.rand()), float(torch.rand(1))))
+    assert draws[0] == draws[1]  # the eval's own seed, whatever the training RNG was
+    assert random.getstate() == before[0] and (np.random.get_state()[1] == before[1]).all()
+    assert torch.equal(torch.get_rng_state(), before[2])
+    assert model.training and model[1].training and not model[0].training
+
+
+def test_changed_eval_settings_start_the_best_score_over():
+    cfg = build_config({**EVAL, "early_stopping_enabled": True, "early_stopping_patience": 1})
+    old = EarlyStopping(patience=1)
+    old.observe(2, 0.5), old.observe(4, 0.0)
+    meta = {"settings": eval_settings(cfg, ["reach-v3"]), "tracker": old.state_dict()}
+    assert _tracker_from(cfg, ["reach-v3"], meta).should_stop
+    notes = []
+    fresh = _tracker_from(build_config({**EVAL, "eval_episodes": 5}), ["reach-v3"], meta, notes.append)
+    assert fresh.best_score is None and not fresh.should_stop and "start over" in notes[0]
 
 
 # ------------------------------------------------------------------------------------- bad input

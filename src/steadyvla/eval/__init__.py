@@ -1,1 +1,2 @@
-"""Closed-loop evaluation of a policy in MetaWorld v3 (`steadyvla eval`)."""
+"""Closed-loop evaluation of a policy in MetaWorld v3 (`steadyvla eval`), also periodically during
+training (`periodic.py`)."""

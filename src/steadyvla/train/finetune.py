@@ -22,8 +22,8 @@ from steadyvla.data.frames import FrameSource
 from steadyvla.data.sampler import DataPosition, ResumableBatchSampler
 from steadyvla.data.stats import compute_action_statistics, load_dataset_statistics, write_dataset_statistics
 from steadyvla.data.transforms import ImageTransform
-from steadyvla.eval.periodic import PeriodicEvalHook, periodic_eval_tasks, stopped_early_message
 from steadyvla.distributed import DistEnv, barrier, init_distributed, shutdown, wrap_data_parallel
+from steadyvla.eval.periodic import PeriodicEvalHook, periodic_eval_tasks, stopped_early_message
 from steadyvla.memory_report import Preflight, enforce, preflight_for
 from steadyvla.model.build import action_tokenizer_for, build_vla, load_tokenizer, model_spec, openvla_source, wrap_lora
 from steadyvla.model.prompt import PromptBuilder
