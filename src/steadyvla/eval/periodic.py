@@ -96,8 +96,10 @@ def _tracker_from(cfg: RunConfig, tasks: list[str], meta: dict[str, Any],
     if not meta:
         return tracker
     if meta.get("settings") != eval_settings(cfg, tasks):
+        old_best = meta.get("tracker", {}).get("best_step")
         log(f"periodic eval settings changed since the checkpoint ({meta.get('settings')} -> "
-            f"{eval_settings(cfg, tasks)}): scores are not comparable, so the best score and patience start over")
+            f"{eval_settings(cfg, tasks)}): scores are not comparable, so the best score and patience start over"
+            + (f" (retention no longer keeps the old best, step {old_best})" if old_best is not None else ""))
         return tracker
     tracker.load_state_dict(meta.get("tracker", {}))
     return tracker
