@@ -54,8 +54,8 @@ def fixed_batch(tokenizer, image_size: int, batch_size: int, device: torch.devic
     builder = PromptBuilder(tokenizer)
     g = torch.Generator().manual_seed(0)
     end = int(tokenizer.vocab_size)
-    rows = [builder.build(INSTRUCTIONS[i % len(INSTRUCTIONS)],
-                          torch.randint(end - 256, end, (ACTION_DIMS,), generator=g).numpy()) for i in range(batch_size)]
+    actions = [torch.randint(end - 256, end, (ACTION_DIMS,), generator=g).numpy() for _ in range(batch_size)]
+    rows = [builder.build(INSTRUCTIONS[i % len(INSTRUCTIONS)], a) for i, a in enumerate(actions)]
     length = max(len(r.input_ids) for r in rows)
     ids = torch.full((batch_size, length), int(tokenizer.pad_token_id))
     labels = torch.full((batch_size, length), IGNORE_INDEX)

@@ -1,4 +1,4 @@
-"""`steadyvla <verb>`: finetune, predict, merge, eval, data, ckpt (ls|verify|export|import-legacy), doctor, memory, launch.
+"""`steadyvla <verb>`: finetune, predict, merge, eval, data, ckpt, doctor, memory, launch.
 
 Every user error ends with one `error:` line naming the field, the value and what would be valid,
 and exit status 2; nothing on disk is touched before the config and resume target are checked. Any
