@@ -134,3 +134,39 @@ def test_refusals_name_the_flag(run, tmp_path):
     with pytest.raises(ConfigError, match=f"no {DCP_DIR}/ directory.*steadyvla merge"):
         export_checkpoint(lora_like.parent, tmp_path / "y", log=lambda _m: None)
     assert not (tmp_path / "x").exists() and not (tmp_path / "y").exists()
+
+
+@pytest.mark.slow
+def test_export_of_a_checkpoint_sharded_by_two_fsdp_ranks(tmp_path):
+    """Each gloo rank writes its FSDP2 shards; the export (one process, no group) reassembles them."""
+    import shutil
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from safetensors.torch import load_file
+
+    from helpers import cli_env
+
+    stage = tmp_path / "stage"
+    worker = Path(__file__).resolve().parent / "fsdp_dcp_worker.py"
+    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                           str(worker), str(stage), "11"], env=cli_env({"OMP_NUM_THREADS": "1"}),
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert len(list((stage / DCP_DIR).glob("*.distcp"))) == 2  # one file of shards per rank
+    cfg = build_config(dict(use_lora=False, run_root_dir=str(tmp_path / "runs"), run_id="fsdp2", seed=11))
+
+    def write(tmp):
+        shutil.copytree(stage / DCP_DIR, tmp / DCP_DIR)
+        (tmp / TRAINER_STATE_JSON).write_text(json.dumps({"global_step": 1, "world_size": 2,
+                                                          "config": cfg.to_dict()}))
+
+    CheckpointManager(tmp_path / "runs" / "fsdp2", log=lambda _m: None).save(1, write,
+                                                                            dir_name=step_dir_name(1, 0, 1.0))
+    out = export_checkpoint(tmp_path / "runs" / "fsdp2", tmp_path / "out", log=lambda _m: None)
+    expected = load_file(str(stage / "expected.safetensors"))
+    loaded = load_vla(out).model.state_dict()
+    assert loaded.keys() == expected.keys()
+    for key, want in expected.items():
+        assert torch.equal(loaded[key].view(torch.uint8), want.view(torch.uint8)), f"{key} differs"
