@@ -26,6 +26,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import statistics
 import subprocess
 import sys
@@ -96,7 +97,7 @@ def train_values(args, data_root: Path, run_root: Path, run_id: str, async_save:
         train_llm=True, data_root_dir=str(data_root), dataset_name="bench_synth", image_aug=False,
         num_workers=args.num_workers, batch_size=args.batch_size, grad_accumulation_steps=1, max_steps=max_steps,
         learning_rate=args.learning_rate, lr_scheduler="none", weight_decay=0.0, max_grad_norm=1.0, seed=args.seed,
-        save_steps=args.save_steps, async_save=async_save, keep_last_k=2, log_every_steps=1, progress_bar=False,
+        save_steps=args.save_steps, async_save=async_save, keep_last_k=1, log_every_steps=1, progress_bar=False,
         run_root_dir=str(run_root), run_id=run_id, resume="auto",
         force=True,  # the preflight estimate is not under test here; the run's own peaks are
     )
@@ -134,6 +135,13 @@ def run_train(values: dict, work: Path, name: str, after_step: int = 0, env: dic
     tail = (work / f"{name}.log").read_text().splitlines()[-15:]
     return {"returncode": proc.returncode, "wall_s": time.perf_counter() - t0, "time_to_first_step_s": first,
             "log_tail": tail}
+
+
+def drop_checkpoints(run_root: Path, keep: bool) -> None:
+    """Free the disk once an arm's checkpoints are no longer needed (vla-1b: ~22 GB each; metrics stay)."""
+    if not keep:
+        for ckpts in run_root.glob("*/checkpoints"):
+            shutil.rmtree(ckpts, ignore_errors=True)
 
 
 def summarize(rows: list[dict], warmup: int, batch_size: int) -> dict:
@@ -183,6 +191,7 @@ def steadyvla_arms(args, work: Path) -> dict:
                                            "time_to_first_step_s": resumed["time_to_first_step_s"],
                                            "fresh_time_to_first_step_s": run["time_to_first_step_s"],
                                            "log_tail": resumed["log_tail"]}
+        drop_checkpoints(work / f"runs-{mode}", args.keep_checkpoints)
     if "kill" in args.arms:
         values = train_values(args, data_root, work / "runs-kill", "async", True, total)
         killed = run_train(values, work, "kill", env={**det_env, "STEADYVLA_FAULT": f"backward@{args.kill_step}"},
@@ -195,6 +204,7 @@ def steadyvla_arms(args, work: Path) -> dict:
                                   "time_to_first_step_after_kill_s": resumed["time_to_first_step_s"],
                                   **compare_runs(_metrics(work / "runs-async"), _metrics(work / "runs-kill")),
                                   "log_tail": resumed["log_tail"] if resumed["returncode"] else []}
+        drop_checkpoints(work / "runs-kill", args.keep_checkpoints)
     if any(r.get("steps_logged") and not r.get("steps_timed") for r in results.values()):
         results.setdefault("notes", []).append("metrics.jsonl has no step_time_s (issue 14's timing keys): "
                                                "steadyvla s/step not measured")
@@ -288,6 +298,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--torchrun", action="store_true", help="start `steadyvla train` under torchrun (1 process)")
     p.add_argument("--arms", default="reference,steadyvla,kill", help="comma-separated: reference, steadyvla, kill")
     p.add_argument("--work-dir", default=None, help="keep run dirs and logs here (default: a temporary dir)")
+    p.add_argument("--keep-checkpoints", action="store_true", help="keep each arm's checkpoints (default: deleted "
+                   "once measured, so the disk holds one arm's at a time)")
     p.add_argument("--out", required=True, help="JSON results")
     args = p.parse_args(argv)
     args.activation_checkpointing = args.activation_checkpointing == "true"
