@@ -30,6 +30,8 @@ STATS = {"synth": {"action": {"mask": [True] * 6 + [False], "q01": [-1.0] * 7, "
                               "std": [1.0] * 7, "min": [-2.0] * 7, "max": [2.0] * 7},
                    "num_transitions": 10, "num_trajectories": 2}}
 SHARD_BYTES = 300_000  # several output shards for the tiny model
+# the trainer's checkpoint is written here by one process without a process group, which DCP remarks on
+pytestmark = pytest.mark.filterwarnings("ignore:torch.distributed is disabled:UserWarning")
 
 
 def write_full_checkpoint(run_dir, model, cfg, step: int, epoch: int, loss: float):
