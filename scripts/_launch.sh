@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Shared body of scripts/run_*.sh: _launch.sh method|baseline [NPROC|auto] [TARGET_STEPS] [SAVE_STEPS]
+# Shared body of scripts/run_*.sh: _launch.sh method|baseline|full [NPROC|auto] [TARGET_STEPS] [SAVE_STEPS]
 # [EVAL_EVERY] [PATIENCE] [--key value ...]; environment overrides in src/steadyvla/launch.py.
 # Runs from the repository root (the shipped configs' relative paths); CONFIG is resolved first.
 set -euo pipefail

@@ -96,10 +96,10 @@ def test_steadyvla_launch_is_the_launcher(tmp_path):
                             env=env, capture_output=True, text=True, timeout=120)
     assert via_cli.returncode == direct.returncode == 0, via_cli.stderr + direct.stderr
     assert via_cli.stdout == direct.stdout and "--batch_size 3 --max_steps 5" in via_cli.stdout
-    bad = subprocess.run([sys.executable, "-m", "steadyvla.cli", "launch", "full"], env=env, capture_output=True,
+    bad = subprocess.run([sys.executable, "-m", "steadyvla.cli", "launch", "lora"], env=env, capture_output=True,
                          text=True, timeout=120)
     assert bad.returncode == 2 and bad.stderr.count("\n") == 1
-    assert bad.stderr.startswith("error: launcher kind: 'full' is not one of method, baseline")
+    assert bad.stderr.startswith("error: launcher kind: 'lora' is not one of method, baseline, full")
 
 
 def test_a_child_that_runs_out_of_address_space_is_reported_as_out_of_memory(capfd):

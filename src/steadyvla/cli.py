@@ -1,4 +1,4 @@
-"""`steadyvla <verb>`: finetune, predict, merge, eval, data, ckpt (ls|verify|import-legacy), doctor, memory, launch.
+"""`steadyvla <verb>`: finetune, predict, merge, eval, data, ckpt, doctor, memory, launch.
 
 Every user error ends with one `error:` line naming the field, the value and what would be valid,
 and exit status 2; nothing on disk is touched before the config and resume target are checked. Any
@@ -93,6 +93,12 @@ def cmd_ckpt(args: argparse.Namespace, extra: list[str]) -> int:
         from steadyvla.train.import_legacy import import_legacy
 
         import_legacy(_config_from(args, extra), Path(args.adapter), Path(args.trainer_state))
+        return 0
+
+    if args.ckpt_verb == "export":
+        from steadyvla.model.export import export_checkpoint
+
+        export_checkpoint(Path(args.checkpoint), Path(args.out), dtype=args.dtype)
         return 0
 
     run_dir = Path(args.run_dir)
@@ -192,11 +198,18 @@ def build_parser() -> argparse.ArgumentParser:
     stats = data_verbs.add_parser("stats", help="write dataset_statistics.json (q01/q99 etc.) for a dataset")
     stats.add_argument("path", help="dataset directory")
     stats.add_argument("--out", default=None, help="output file (default ./dataset_statistics.json)")
-    ckpt = verbs.add_parser("ckpt", help="list or verify a run's checkpoints")
+    ckpt = verbs.add_parser("ckpt", help="list, verify, export or import checkpoints")
     ckpt_verbs = ckpt.add_subparsers(dest="ckpt_verb", required=True)
     for name in ("ls", "verify"):
         p = ckpt_verbs.add_parser(name, help=f"{name} the checkpoints of RUN_DIR")
         p.add_argument("run_dir", help="<run_root_dir>/<run_id>")
+    export = ckpt_verbs.add_parser("export", help="write a full-training checkpoint as one consolidated OpenVLA "
+                                   "directory (offline, one process; config.json, tokenizer, sharded safetensors)")
+    export.add_argument("--checkpoint", required=True, help="full-training checkpoint dir, or a run dir (its newest "
+                        "complete one)")
+    export.add_argument("--out", required=True, help="new directory for the model (must not exist)")
+    export.add_argument("--dtype", default=None, help="float32 or bfloat16 (default: as stored, the float32 master "
+                        "weights)")
     legacy = ckpt_verbs.add_parser("import-legacy", help="turn an old PEFT adapter dir + trainer_state.pt into a "
                                    "checkpoint of the config's run (config keys can be overridden with `--key value`)")
     legacy.add_argument("--adapter", required=True, help="old adapter dir (adapter_config.json + weights)")

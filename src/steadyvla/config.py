@@ -112,7 +112,7 @@ def critical_values(values: dict[str, Any]) -> dict[str, Any]:
 
 CHOICES: dict[str, tuple[str, ...]] = {
     "lr_scheduler": ("none", "cosine"),
-    "model_preset": ("tiny", "openvla-7b"),
+    "model_preset": ("tiny", "openvla-7b", "vla-1b"),
     "dtype": ("float32", "bfloat16"),
     "icsm_split": ("ranked", "extremes"),
 }
@@ -123,7 +123,7 @@ class RunConfig:
     """Every setting of a run. Field docs are the user-facing documentation of each key."""
 
     # --- model
-    model_preset: str = "tiny"  # tiny | openvla-7b
+    model_preset: str = "tiny"  # tiny | openvla-7b | vla-1b (OpenVLA's towers + a ~1B Llama, 1.83B in all)
     vla_path: str | None = None  # local OpenVLA HF dir (weights + tokenizer); None = random init of the preset
     tokenizer_path: str | None = None  # tokenizer dir for a random-init preset other than tiny (e.g. Llama-2)
     dtype: str = "float32"  # parameter/compute dtype for training

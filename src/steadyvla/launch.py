@@ -1,10 +1,13 @@
-"""The users' launcher interface (scripts/run_method_train.sh, scripts/run_baseline_lora.sh).
+"""The users' launcher interface (scripts/run_method_train.sh, scripts/run_baseline_lora.sh, scripts/run_full_train.sh).
 
     run_method_train.sh [NPROC|auto] [TARGET_STEPS] [SAVE_STEPS] [EVAL_EVERY] [PATIENCE] [--key value ...]
+    run_full_train.sh [NPROC|auto] [TARGET_STEPS] [SAVE_STEPS] [--key value ...]   (`steadyvla train`)
 
 Environment overrides as in their scripts: SERVER_PROFILE (else the YAML's `server_profile`),
 BATCH_SIZE, GRAD_ACCUM, PROBE_BATCH_SIZE, THERMO_UPDATE, THERMO_WARMUP (method only), RESUME_ADAPTER,
-RESUME_STEP, CLEAN_STALE_GPU_PROCS; CONFIG picks the YAML. Every one that is set must be understood:
+RESUME_STEP, CLEAN_STALE_GPU_PROCS; CONFIG picks the YAML. Full training takes PRETRAINED_CHECKPOINT
+and RESUME_STEP / RESUME_EPOCH (its `pretrained_checkpoint`, `resume_step`, `resume_epoch`) instead of
+RESUME_ADAPTER, and switches no periodic evaluation on. Every one that is set must be understood:
 a bad value is an error (exit 2), never ignored. `--key value` after the positionals win over all
 of it. STEADYVLA_DRY_RUN=1 prints the command instead of running it. The run is supervised
 (`steadyvla.supervise`): a death is explained, and `restart_on_failure: N` restarts it.
@@ -32,13 +35,20 @@ class Profile:
 
 
 SERVER_PROFILES = {"4090_1gpu": Profile(1, 2, 4), "v100_8gpu": Profile(8, 1, 8)}
-DEFAULT_CONFIGS = {"method": "configs/method_icsm_hsw_thermostat.yaml", "baseline": "configs/baseline_lora.yaml"}
-SCRIPTS = {"method": "scripts/run_method_train.sh", "baseline": "scripts/run_baseline_lora.sh"}
+DEFAULT_CONFIGS = {"method": "configs/method_icsm_hsw_thermostat.yaml", "baseline": "configs/baseline_lora.yaml",
+                   "full": "configs/full_train.yaml"}
+SCRIPTS = {"method": "scripts/run_method_train.sh", "baseline": "scripts/run_baseline_lora.sh",
+           "full": "scripts/run_full_train.sh"}
+VERBS = {"method": "finetune", "baseline": "finetune", "full": "train"}  # the steadyvla verb each kind runs
 ENV_NAMES = ("CONFIG", "SERVER_PROFILE", "BATCH_SIZE", "GRAD_ACCUM", "PROBE_BATCH_SIZE", "THERMO_UPDATE", "THERMO_WARMUP",
-             "RESUME_ADAPTER", "RESUME_STEP", "CLEAN_STALE_GPU_PROCS")
+             "RESUME_ADAPTER", "RESUME_STEP", "PRETRAINED_CHECKPOINT", "RESUME_EPOCH", "CLEAN_STALE_GPU_PROCS")
 POSITIONALS = (("TARGET_STEPS", "max_steps"), ("SAVE_STEPS", "save_steps"), ("EVAL_EVERY", "eval_every_steps"),
                ("PATIENCE", "early_stopping_patience"))
 ENV_INT_KEYS = {"BATCH_SIZE": "batch_size", "GRAD_ACCUM": "grad_accumulation_steps", "RESUME_STEP": "resume_global_step"}
+# full training (`steadyvla train`): the users' train.py resume keys
+FULL_ENV_INT_KEYS = {"BATCH_SIZE": "batch_size", "GRAD_ACCUM": "grad_accumulation_steps", "RESUME_STEP": "resume_step",
+                     "RESUME_EPOCH": "resume_epoch"}
+FULL_POSITIONALS = POSITIONALS[:2]  # no periodic evaluation / early stopping in full training
 METHOD_ENV_INT_KEYS = {"PROBE_BATCH_SIZE": "probe_batch_size", "THERMO_UPDATE": "thermostat_update_interval",
                        "THERMO_WARMUP": "thermostat_warmup_steps"}
 PROBE_BATCH_DEFAULT = 4  # their launcher's default
@@ -78,12 +88,14 @@ def _profile(env: dict[str, str], config: Path) -> tuple[str, Profile] | None:
 
 
 def build_command(kind: str, argv: list[str], env: dict[str, str]) -> tuple[list[str], list[str]]:
-    """(command, notes) for `kind` (method | baseline) from the launcher's arguments and environment."""
+    """(command, notes) for `kind` (method | baseline | full) from the launcher's arguments and environment."""
+    full = kind == "full"
+    names = FULL_POSITIONALS if full else POSITIONALS
     split = next((i for i, a in enumerate(argv) if a.startswith("--")), len(argv))
     positionals, extra = argv[:split], argv[split:]
-    if len(positionals) > 1 + len(POSITIONALS):
+    if len(positionals) > 1 + len(names):
         raise LaunchError(f"too many positional arguments {positionals}; expected [NPROC|auto] "
-                          + " ".join(f"[{name}]" for name, _ in POSITIONALS) + " [--key value ...]")
+                          + " ".join(f"[{name}]" for name, _ in names) + " [--key value ...]")
     config = Path(env.get("CONFIG") or REPO / DEFAULT_CONFIGS[kind])
     if not config.is_file():
         raise LaunchError(f"CONFIG={str(config)!r}: file not found")
@@ -94,18 +106,25 @@ def build_command(kind: str, argv: list[str], env: dict[str, str]) -> tuple[list
         overrides.update(batch_size=profile[1].batch_size, grad_accumulation_steps=profile[1].grad_accumulation_steps)
         notes.append(f"server profile {profile[0]}: {profile[1].nproc} process(es), batch {profile[1].batch_size}, "
                      f"accumulation {profile[1].grad_accumulation_steps}")
-    int_keys = dict(ENV_INT_KEYS, **(METHOD_ENV_INT_KEYS if kind == "method" else {}))
+    int_keys = FULL_ENV_INT_KEYS if full else dict(ENV_INT_KEYS, **(METHOD_ENV_INT_KEYS if kind == "method" else {}))
     for name, key in int_keys.items():
         if env.get(name):
-            overrides[key] = _int(name, env[name], 0 if name in ("RESUME_STEP", "THERMO_WARMUP") else 1)
+            overrides[key] = _int(name, env[name], 0 if name in ("RESUME_STEP", "RESUME_EPOCH", "THERMO_WARMUP") else 1)
     for name in METHOD_ENV_INT_KEYS:
         if kind != "method" and env.get(name):
-            raise LaunchError(f"{name}={env[name]!r}: the baseline has no probe or Thermostat; unset it or use "
-                              "scripts/run_method_train.sh")
+            who = "the full-training launcher takes the method's keys from the YAML only" if full else \
+                "the baseline has no probe or Thermostat"
+            raise LaunchError(f"{name}={env[name]!r}: {who}; unset it or use scripts/run_method_train.sh")
     if kind == "method":
         overrides.setdefault("probe_batch_size", PROBE_BATCH_DEFAULT)
+    for name in (("RESUME_ADAPTER",) if full else ("PRETRAINED_CHECKPOINT", "RESUME_EPOCH")):
+        if env.get(name):
+            other = "PRETRAINED_CHECKPOINT (a checkpoint dir, a run dir or a model file)" if full else "RESUME_ADAPTER"
+            raise LaunchError(f"{name}={env[name]!r}: not used by the {kind} launcher; use {other}")
     if env.get("RESUME_ADAPTER"):
         overrides["resume_adapter_dir"] = env["RESUME_ADAPTER"]
+    if env.get("PRETRAINED_CHECKPOINT"):
+        overrides["pretrained_checkpoint"] = env["PRETRAINED_CHECKPOINT"]
     clean = env.get("CLEAN_STALE_GPU_PROCS")
     if clean not in (None, "", "0", "1"):
         raise LaunchError(f"CLEAN_STALE_GPU_PROCS={clean!r}: expected 0 or 1")
@@ -119,11 +138,12 @@ def build_command(kind: str, argv: list[str], env: dict[str, str]) -> tuple[list
         nproc = max(1, _gpu_count())
     else:
         nproc = _int("NPROC", nproc_arg, 1)
-    for (name, key), raw in zip(POSITIONALS, positionals[1:]):
+    for (name, key), raw in zip(names, positionals[1:]):
         overrides[key] = _int(name, raw, 1)
-    overrides.update(enable_periodic_eval=True, early_stopping_enabled=True)
+    if not full:  # as the users' LoRA launchers do
+        overrides.update(enable_periodic_eval=True, early_stopping_enabled=True)
     flags = [part for key, value in overrides.items() for part in (f"--{key}", _yaml_scalar(value))]
-    verb = ["-m", "steadyvla.cli", "finetune", "--config", str(config), *flags, *extra]
+    verb = ["-m", "steadyvla.cli", VERBS[kind], "--config", str(config), *flags, *extra]
     if nproc > 1:
         return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nnodes", "1",
                 "--nproc_per_node", str(nproc), *verb], notes
@@ -135,7 +155,7 @@ def _yaml_scalar(value: object) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """`python -m steadyvla.launch method|baseline ARGS...`: run (or with STEADYVLA_DRY_RUN=1 print) it."""
+    """`python -m steadyvla.launch method|baseline|full ARGS...`: run (or with STEADYVLA_DRY_RUN=1 print) it."""
     argv = sys.argv[1:] if argv is None else argv
     if not argv or argv[0] not in DEFAULT_CONFIGS:
         given = repr(argv[0]) if argv else "nothing"
@@ -171,7 +191,7 @@ def _supervised(kind: str, argv: list[str], command: list[str]) -> int:
     from steadyvla.supervise import supervise
     from steadyvla.train.run_dir import run_dir_for
 
-    at = command.index("finetune")
+    at = command.index(VERBS[kind])
     try:
         cfg = load_config(command[at + 2], parse_overrides(command[at + 3:]))
     except ConfigError as err:

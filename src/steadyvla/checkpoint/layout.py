@@ -37,6 +37,7 @@ TRAINER_STATE_JSON = "trainer_state.json"
 TRAINER_STATE_TENSORS = "trainer_state.safetensors"
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
+DCP_DIR = "model_optim"  # full run: torch.distributed.checkpoint dir of {"model": ..., "optim": ...}
 
 # Hidden siblings inside checkpoints/ that only exist while a save or a deletion is under way.
 # A run killed at the wrong moment leaves them behind; the next save cleans them up.

@@ -13,7 +13,7 @@ import os
 import secrets
 import shutil
 from pathlib import Path
-from typing import Iterable
+from typing import Callable, Iterable
 
 import torch
 from safetensors.torch import save_file
@@ -28,6 +28,7 @@ from steadyvla.model.openvla_keys import (
 )
 from steadyvla.model.spec import VLASpec
 
+ShardLoader = Callable[[list[str]], dict[str, torch.Tensor]]  # module names -> their tensors
 DEFAULT_MAX_SHARD_BYTES = 5 * 1024**3  # openvla-7b's 15 GB of bf16 -> three shards, as upstream
 TOKENIZER_MODEL = "tokenizer.model"
 TOKENIZER_CONFIG_JSON = "tokenizer_config.json"
@@ -48,20 +49,29 @@ def _plan_shards(sizes: list[tuple[str, int]], max_bytes: int) -> list[list[str]
 
 
 def write_weights(tensors: dict[str, torch.Tensor], out: Path, dtype: torch.dtype | None,
-                  max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES) -> int:
+                  max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES, load_shard: ShardLoader | None = None) -> int:
     """Write module tensors under their OpenVLA keys as sharded safetensors + index (or a single
-    `model.safetensors` when everything fits in one shard); returns the number of shards."""
+    `model.safetensors` when everything fits in one shard); returns the number of shards.
+
+    With `load_shard`, `tensors` only describes the weights (shapes and dtypes; meta tensors do)
+    and `load_shard(names)` reads each shard's tensors just before it is written, so host memory
+    holds one shard at a time (a full-training checkpoint is exported this way).
+    """
     def cast(t: torch.Tensor) -> torch.Tensor:
         return t.to(dtype) if dtype is not None and t.is_floating_point() else t
 
     keyed = {to_openvla_key(name): t for name, t in tensors.items()}
+    module_name = {to_openvla_key(name): name for name in tensors}
     itemsize = {k: (dtype.itemsize if dtype is not None and t.is_floating_point() else t.element_size())
                 for k, t in keyed.items()}
     shards = _plan_shards([(k, t.numel() * itemsize[k]) for k, t in keyed.items()], max_shard_bytes)
     weight_map = {}
     for i, keys in enumerate(shards, start=1):
         name = SINGLE_WEIGHTS if len(shards) == 1 else shard_name(i, len(shards))
-        part = {k: cast(keyed[k]).detach().to("cpu").contiguous() for k in keys}
+        source = load_shard([module_name[k] for k in keys]) if load_shard is not None else None
+        part = {k: cast(source[module_name[k]] if source is not None else keyed[k]).detach().to("cpu").contiguous()
+                for k in keys}
+        del source
         save_file(part, str(out / name), metadata=SAFETENSORS_METADATA)
         del part
         weight_map.update({k: name for k in keys})
@@ -118,6 +128,7 @@ def write_openvla_dir(
     max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
     copy_from: Iterable[Path] = (),
     config: dict | None = None,
+    load_shard: ShardLoader | None = None,
 ) -> Path:
     """Write `out` in the exact OpenVLA layout, atomically.
 
@@ -125,6 +136,7 @@ def write_openvla_dir(
     casts floating tensors (None keeps them). `copy_from` files are copied first (a merge carries
     the base directory's other files over); `config`, when given, is written instead of one
     derived from `spec` (a merge keeps the base's config.json with updated `norm_stats`).
+    `load_shard`: read the tensors shard by shard instead (see `write_weights`).
     """
     out = Path(out)
     staged = staging_dir(out)
@@ -132,7 +144,7 @@ def write_openvla_dir(
         for path in copy_from:
             shutil.copy2(path, staged / path.name)
         dtype_name = str(dtype or next(iter(tensors.values())).dtype).removeprefix("torch.")
-        write_weights(tensors, staged, dtype, max_shard_bytes)
+        write_weights(tensors, staged, dtype, max_shard_bytes, load_shard)
         _write_json(staged / CONFIG_JSON, config or openvla_config_from_spec(spec, norm_stats, dtype_name))
         if not (staged / TOKENIZER_CONFIG_JSON).exists():
             write_tokenizer(tokenizer, staged, int(spec.llm.get("max_position_embeddings", 2048)))

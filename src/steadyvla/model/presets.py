@@ -1,4 +1,5 @@
-"""Model presets: `tiny` for CPU tests and the demo, `openvla-7b` for the real shape."""
+"""Model presets: `tiny` for CPU tests and the demo, `openvla-7b` for the real shape, `vla-1b` (OpenVLA's
+towers and projector with a ~1B Llama) for full training on one GPU."""
 
 from __future__ import annotations
 
@@ -67,6 +68,23 @@ PRESETS: dict[str, VLAPreset] = {
         llm=dict(
             hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32,
             num_key_value_heads=32, max_position_embeddings=2048, rms_norm_eps=1e-6,
+        ),
+    ),
+    # OpenVLA's vision towers and fused projector with a ~1B Llama (hidden 2048, 18 layers, 16 heads of 128,
+    # MLP 5632): full training with float32 master weights and AdamW (16 bytes per parameter) fits one
+    # 80 GB GPU, where openvla-7b's 7.5B (~120 GB of state) does not. With the Llama-2 tokenizer (32064
+    # padded ids): 1,828,138,432 parameters = towers 730,911,680 + projector 40,972,800 + Llama 1,056,253,952
+    # (tests/test_presets.py counts them on the meta device).
+    "vla-1b": VLAPreset(
+        name="vla-1b",
+        image_size=224,
+        towers=(
+            TowerSpec("vit_large_patch14_reg4_dinov2.lvd142m", DINOV2_MEAN, DINOV2_STD, dict(img_size=224)),
+            TowerSpec("vit_so400m_patch14_siglip_224", SIGLIP_MEAN, SIGLIP_STD, dict(img_size=224)),
+        ),
+        llm=dict(
+            hidden_size=2048, intermediate_size=5632, num_hidden_layers=18, num_attention_heads=16,
+            num_key_value_heads=16, max_position_embeddings=2048, rms_norm_eps=1e-6,
         ),
     ),
 }
