@@ -291,7 +291,8 @@ def _train(cfg: RunConfig, env: DistEnv, log: Callable[[str], None], run_dir: Pa
         logger.close()
     result.model = model
     result.memory_estimate = memory.estimate
-    if not result.preempted:
-        log(f"done: {result.final_step} steps; adapter + state in {run_dir}/checkpoints, metrics in "
-            f"{run_dir}/metrics.jsonl")
+    if not result.preempted and env.is_main:
+        from steadyvla.report.summary import run_summary
+
+        log("done: " + run_summary(run_dir))
     return result
