@@ -8,7 +8,8 @@ Pipeline, all through steadyvla's own entry points (the functions behind `steady
    norm_stats hold setA's statistics. Its closed-loop success on A is what there is to forget.
 3. Per seed, two fine-tunes of that base on B with the same seed, steps and data: the LoRA
    baseline and the method (`method_enabled: true`; the ICSM teacher is the frozen base, its probe
-   set is A's data: the representations to protect). Each run is merged into an OpenVLA dir
+   set is A's data: the representations to protect; the other method keys as
+   configs/method_icsm_hsw_thermostat.yaml). Each run is merged into an OpenVLA dir
    whose norm_stats hold both setA's (from the base) and setB's statistics.
 4. Closed-loop success (`eval`) of each merged model on A (un-normalised with setA's statistics)
    and on B (with setB's): success counts pooled over tasks and seeds, with Wilson 95 % intervals.
@@ -54,6 +55,7 @@ DEFAULT_TASKS_A = "reach-v3,button-press-topdown-v3,drawer-close-v3"
 DEFAULT_TASKS_B = "window-open-v3,plate-slide-v3,handle-press-v3"
 ARMS = ("baseline", "method")
 RESULTS_FILE = "results.json"
+CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 MIN_LR = 3e-4  # cosine floor (configs/demo.yaml's)
 
 
@@ -140,6 +142,16 @@ def pooled(reports: list[dict]) -> dict[str, Any]:
             "per_task": {t: {"successes": k, "episodes": m, "success_rate": k / m} for t, (k, m) in per_task.items()}}
 
 
+def method_settings() -> dict[str, Any]:
+    """The method's keys as configs/method_icsm_hsw_thermostat.yaml sets them for the demo scale
+    (the keys that configs/demo.yaml does not have; `icms_artifact_dir` left to its default)."""
+    import yaml
+
+    demo = yaml.safe_load((CONFIGS / "demo.yaml").read_text())
+    method = yaml.safe_load((CONFIGS / "method_icsm_hsw_thermostat.yaml").read_text())
+    return {k: v for k, v in method.items() if k not in demo and k != "icms_artifact_dir"}
+
+
 def run_benchmark(s: Settings) -> dict[str, Any]:
     """The whole pipeline; returns the results document (also written to work_dir/results.json)."""
     started = time.perf_counter()
@@ -159,7 +171,7 @@ def run_benchmark(s: Settings) -> dict[str, Any]:
         reports[f"{arm}_A"], reports[f"{arm}_B"] = [], []
     for seed in s.seeds:
         for arm in ARMS:
-            extra = dict(method_enabled=True, probe_dataset_name=SET_A, **s.method_overrides) if arm == "method" else {}
+            extra = {**method_settings(), "probe_dataset_name": SET_A, **s.method_overrides} if arm == "method" else {}
             cfg = run_config(s, dataset_name=SET_B, vla_path=str(base), run_id=f"{arm}-B-seed{seed}",
                              max_steps=s.finetune_steps, save_steps=s.finetune_steps, seed=seed, **extra)
             model = train_and_merge(cfg, models / f"{arm}-B-seed{seed}")
@@ -194,7 +206,8 @@ SMOKE = dict(tasks_a=["reach-v3"], tasks_b=["drawer-close-v3"], episodes_per_tas
                                    thermostat_warmup_steps=1, thermostat_update_interval=1))
 
 
-def parse_args(argv: list[str] | None = None) -> Settings:
+def parse_args(argv: list[str] | None = None) -> tuple[Settings, bool]:
+    """The settings, and whether to print the results JSON."""
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--work-dir", default="forgetting-bench", help="data, runs, merged models, eval JSON, results")
     p.add_argument("--tasks-a", default=DEFAULT_TASKS_A, help="comma-separated MetaWorld v3 tasks of the base")
@@ -213,6 +226,11 @@ def parse_args(argv: list[str] | None = None) -> Settings:
     p.add_argument("--json", action="store_true", help="print the results JSON after the table")
     args = p.parse_args(argv)
     tasks_a, tasks_b = args.tasks_a.split(","), args.tasks_b.split(",")
+    from steadyvla.sim.metaworld import TASK_INSTRUCTIONS
+
+    unknown = sorted(set(tasks_a + tasks_b) - set(TASK_INSTRUCTIONS))
+    if unknown:
+        p.error(f"--tasks-a/--tasks-b: unknown {unknown}; valid: {', '.join(TASK_INSTRUCTIONS)}")
     if set(tasks_a) & set(tasks_b):
         p.error(f"--tasks-a and --tasks-b must be disjoint; both have {sorted(set(tasks_a) & set(tasks_b))}")
     s = Settings(Path(args.work_dir), tasks_a, tasks_b, args.episodes_per_task, args.image_size, args.base_steps,
@@ -221,15 +239,14 @@ def parse_args(argv: list[str] | None = None) -> Settings:
     if args.smoke:
         for key, value in SMOKE.items():
             setattr(s, key, value)
-    s.print_json = args.json  # type: ignore[attr-defined]
-    return s
+    return s, args.json
 
 
 def main(argv: list[str] | None = None) -> int:
-    s = parse_args(argv)
+    s, print_json = parse_args(argv)
     results = run_benchmark(s)
     print(format_table(results))
-    if getattr(s, "print_json", False):
+    if print_json:
         print(json.dumps(results, indent=2))
     say(f"{results['seconds']:.0f}s; results in {s.work_dir / RESULTS_FILE}")
     return 0
