@@ -16,17 +16,20 @@ Pipeline, all through steadyvla's own entry points (the functions behind `steady
 
 Prints a table and writes results.json into --work-dir (also to stdout with --json).
 
-    PYTHONPATH=src python bench/forgetting.py                      # defaults: see --help (GPU: --device cuda)
+    PYTHONPATH=src python bench/forgetting.py                      # defaults: see --help
     PYTHONPATH=src python bench/forgetting.py --smoke              # whole pipeline in < 2 min on CPU
 
 Scale found on CPU (2 shared cores): the default base (tiny preset, 10 demo episodes per task of
 reach / button-press-topdown / drawer-close at 64 px, batch 16, lr 5e-3 cosine to 3e-4, LoRA r16,
 400 steps: train loss 4.4 -> ~2.3, action token accuracy 20 % -> ~55 %) reached 2/15 = 13 %
 closed-loop success on A (button-press-topdown 2/5, reach 0/5, drawer-close 0/5; eval seed 0,
-120-step horizon). The defaults keep that base and budget the rest for a GPU run of about 8
-minutes (`--device cuda`): 300 fine-tune steps per arm and seed, 8 eval episodes per task and seed,
-2 seeds. Runs, merged models and eval JSONs are reused when present: use a fresh --work-dir
-for different settings.
+120-step horizon). Training ran ~4 steps/s on the idle CPU; evaluation is the cost: that eval took
+25 min wall (1750 env steps, 1.2 env steps/s, the 2 cores shared by ~10 processes). The defaults
+keep that base and budget the rest for a GPU run of about 8 minutes: 300 fine-tune steps per arm
+and seed, 8 eval episodes per task and seed, 2 seeds (at most 34,560 env steps; successful
+episodes end early). Training and eval use the GPU when there is one (`--device` overrides for
+eval). Runs, merged models and eval JSONs are reused when present: use a fresh --work-dir for
+different settings.
 """
 
 from __future__ import annotations
@@ -41,6 +44,8 @@ from typing import Any
 
 # the bench imports steadyvla from src/ when run from a checkout
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
+
+import torch  # noqa: E402
 
 from steadyvla.config import build_config  # noqa: E402
 from steadyvla.eval.command import EvalRequest, run_eval  # noqa: E402
@@ -221,7 +226,8 @@ def parse_args(argv: list[str] | None = None) -> tuple[Settings, bool]:
     p.add_argument("--seeds", default="0,1", help="fine-tune and eval seeds (>= 2 for the report)")
     p.add_argument("--eval-episodes", type=int, default=Settings.eval_episodes, help="per task and seed")
     p.add_argument("--eval-max-steps", type=int, default=Settings.eval_max_steps, help="episode horizon")
-    p.add_argument("--device", default="cpu", help="torch device: cpu or cuda")
+    p.add_argument("--device", default=None, help="eval's torch device (default: cuda when there is a GPU, as "
+                   "finetune picks; else cpu)")
     p.add_argument("--smoke", action="store_true", help="the whole pipeline at toy scale (< 2 min on CPU)")
     p.add_argument("--json", action="store_true", help="print the results JSON after the table")
     args = p.parse_args(argv)
@@ -235,7 +241,8 @@ def parse_args(argv: list[str] | None = None) -> tuple[Settings, bool]:
         p.error(f"--tasks-a and --tasks-b must be disjoint; both have {sorted(set(tasks_a) & set(tasks_b))}")
     s = Settings(Path(args.work_dir), tasks_a, tasks_b, args.episodes_per_task, args.image_size, args.base_steps,
                  args.finetune_steps, args.batch_size, args.lr, seeds=[int(x) for x in args.seeds.split(",")],
-                 eval_episodes=args.eval_episodes, eval_max_steps=args.eval_max_steps, device=args.device)
+                 eval_episodes=args.eval_episodes, eval_max_steps=args.eval_max_steps,
+                 device=args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if args.smoke:
         for key, value in SMOKE.items():
             setattr(s, key, value)
