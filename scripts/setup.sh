@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Create .venv and install steadyvla with the demo (MetaWorld), RLDS, video, llama, wandb and test extras.
+# Create .venv and install steadyvla with the demo (MetaWorld), RLDS, video, llama, wandb, plot and test extras.
 # On a machine without a GPU, MuJoCo renders the demo with OSMesa (Debian/Ubuntu: libosmesa6);
 # as root this script installs it, otherwise it tells you the command.
 set -euo pipefail
@@ -17,5 +17,5 @@ fi
 
 [ -x .venv/bin/python ] || "$PYTHON" -m venv .venv
 echo "[setup] installing steadyvla into .venv (torch, transformers, peft, timm, metaworld, ...)"
-.venv/bin/python -m pip install -q --disable-pip-version-check -e ".[demo,rlds,video,llama,wandb,test]"
-.venv/bin/python -c "import steadyvla, torch, timm, peft, metaworld; print('[setup] ok: torch', torch.__version__)"
+.venv/bin/python -m pip install -q --disable-pip-version-check -e ".[demo,rlds,video,llama,wandb,plot,test]"
+.venv/bin/python -c "import steadyvla, torch, timm, peft, metaworld, matplotlib; print('[setup] ok: torch', torch.__version__)"

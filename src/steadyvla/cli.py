@@ -1,4 +1,4 @@
-"""`steadyvla <verb>`: finetune, predict, merge, eval, data, ckpt, doctor, memory, launch.
+"""`steadyvla <verb>`: finetune, predict, merge, eval, plot, data, ckpt (ls|verify|import-legacy), doctor, memory, launch.
 
 Every user error ends with one `error:` line naming the field, the value and what would be valid,
 and exit status 2; nothing on disk is touched before the config and resume target are checked. Any
@@ -136,6 +136,13 @@ def cmd_eval(args: argparse.Namespace, extra: list[str]) -> int:
     return 0
 
 
+def cmd_plot(args: argparse.Namespace, extra: list[str]) -> int:
+    from steadyvla.report.plot import plot_runs
+
+    plot_runs([Path(p) for p in args.run_dirs], Path(args.out) if args.out else None)
+    return 0
+
+
 def _add_eval_parser(verbs) -> None:
     ev = verbs.add_parser("eval", help="closed-loop MetaWorld v3 rollouts of a checkpoint or OpenVLA dir")
     ev.add_argument("--checkpoint", default=None, help="checkpoint dir, or a run dir (its newest complete one)")
@@ -178,6 +185,11 @@ def build_parser() -> argparse.ArgumentParser:
     merge.add_argument("--checkpoint", required=True, help="checkpoint dir, or a run dir (its newest complete one)")
     merge.add_argument("--out", required=True, help="new directory for the merged model (must not exist)")
     _add_eval_parser(verbs)
+    plot = verbs.add_parser("plot", help="PNG charts of a run (loss, accuracy, L1, lr, method, eval success); "
+                            "several runs are overlaid")
+    plot.add_argument("run_dirs", nargs="+", metavar="RUN_DIR", help="<run_root_dir>/<run_id>")
+    plot.add_argument("--out", default=None, help="output folder (default <run_dir>/plots; several runs: "
+                      "<first run_dir>/plots/overlay)")
     icsm = verbs.add_parser("icsm", help="the method's offline step: ICSM subspaces from the frozen teacher")
     icsm_verbs = icsm.add_subparsers(dest="icsm_verb", required=True)
     icsm_build = icsm_verbs.add_parser("build", help="write U_f, U_p, mu, C_T per layer to icms_artifact_dir; "
@@ -218,7 +230,7 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-COMMANDS = {"finetune": cmd_finetune, "predict": cmd_predict, "merge": cmd_merge, "eval": cmd_eval, "doctor": cmd_doctor, "icsm": cmd_icsm, "data": cmd_data, "ckpt": cmd_ckpt,
+COMMANDS = {"finetune": cmd_finetune, "predict": cmd_predict, "merge": cmd_merge, "eval": cmd_eval, "plot": cmd_plot, "doctor": cmd_doctor, "icsm": cmd_icsm, "data": cmd_data, "ckpt": cmd_ckpt,
             "memory": cmd_memory}
 
 

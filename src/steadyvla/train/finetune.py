@@ -301,8 +301,9 @@ def _train(cfg: RunConfig, env: DistEnv, log: Callable[[str], None], run_dir: Pa
         logger.close()
     result.model = model
     result.memory_estimate = memory.estimate
-    if not result.preempted:
-        ended = "stopped early after" if result.stopped_early else "done:"
-        log(f"{ended} {result.final_step} steps; adapter + state in {run_dir}/checkpoints, metrics in "
-            f"{run_dir}/metrics.jsonl" + (f", evaluations in {run_dir}/eval" if eval_tasks else ""))
+    if not result.preempted and env.is_main:
+        from steadyvla.report.summary import run_summary
+
+        ended = "stopped early: " if result.stopped_early else "done: "
+        log(ended + run_summary(run_dir))
     return result
