@@ -24,8 +24,8 @@ from steadyvla.checkpoint.layout import (
 )
 from steadyvla.checkpoint.manager import CheckpointManager
 from steadyvla.checkpoint.state import (
-    cpu_copy, restore_optimizer, restore_rng, select_prefix, snapshot_optimizer, snapshot_rng, snapshot_tensors,
-    wait_for_copies,
+    DeviceCopies, cpu_copy, pinned_buffer, reserve_optimizer_buffers, restore_optimizer, restore_rng, select_prefix,
+    snapshot_optimizer, snapshot_rng, snapshot_tensors, wait_for_copies,
 )
 from steadyvla.config import RunConfig
 from steadyvla.data.sampler import DataPosition
@@ -63,6 +63,7 @@ class Snapshot:
     adapter_config: Any
     tensors: dict[str, torch.Tensor]
     meta: dict[str, Any]
+    copies: DeviceCopies | None = None  # None: the copies were synchronous (or wait for the whole device)
 
 
 def take_snapshot(state: TrainState, cfg: RunConfig, env: DistEnv = DistEnv(),
@@ -73,9 +74,11 @@ def take_snapshot(state: TrainState, cfg: RunConfig, env: DistEnv = DistEnv(),
     all_rng = gather_to_all(snapshot_rng(env.rank), env)
     if not env.is_main:
         return None
-    peft_state = get_peft_model_state_dict(state.model, save_embedding_layers=False)
-    adapter = {k: cpu_copy(v, f"adapter.{k}") for k, v in peft_state.items()}
-    optim_tensors, optim_meta = snapshot_optimizer(state.optimizer)
+    copies = DeviceCopies(_param_device(state.model))
+    with copies:  # adapter and optimizer state: on the side stream, overlapping the next step
+        peft_state = get_peft_model_state_dict(state.model, save_embedding_layers=False)
+        adapter = {k: cpu_copy(v, _adapter_key(k)) for k, v in peft_state.items()}
+        optim_tensors, optim_meta = snapshot_optimizer(state.optimizer)
     tensors = dict(optim_tensors)
     for rng_tensors, _ in all_rng:
         tensors.update(rng_tensors)
@@ -84,6 +87,7 @@ def take_snapshot(state: TrainState, cfg: RunConfig, env: DistEnv = DistEnv(),
         hook_tensors, hook_meta = hook.state_dict()
         tensors.update(snapshot_tensors(f"{METHOD_PREFIX}.{hook.name}", hook_tensors))
         method_meta[hook.name] = hook_meta
+    copies.mark_current_stream()  # hook state was copied on the training stream: hooks may change it next step
     meta = {
         "format_version": STATE_FORMAT_VERSION,
         "global_step": state.global_step,
@@ -104,12 +108,34 @@ def take_snapshot(state: TrainState, cfg: RunConfig, env: DistEnv = DistEnv(),
     if inputs is not None:
         meta[INPUTS_KEY] = inputs
     adapter_config = copy.deepcopy(state.model.peft_config["default"])
-    return Snapshot(state.global_step, adapter, adapter_config, tensors, meta)
+    return Snapshot(state.global_step, adapter, adapter_config, tensors, meta, copies)
+
+
+def reserve_snapshot_buffers(state: TrainState) -> None:
+    """Allocate the pinned host buffers of every save up front (once the optimizer has state), so
+    no save, the first included, pays for pinning memory while training waits."""
+    for key, value in get_peft_model_state_dict(state.model, save_embedding_layers=False).items():
+        if value.is_cuda:
+            pinned_buffer(_adapter_key(key), value)
+    reserve_optimizer_buffers(state.optimizer)
+    library_versions()  # cached after the first call
+
+
+def _adapter_key(name: str) -> str:
+    return f"adapter.{name}"
+
+
+def _param_device(model: torch.nn.Module) -> torch.device | None:
+    param = next(model.parameters(), None)
+    return param.device if param is not None else None
 
 
 def write_snapshot(snapshot: Snapshot, ckpt_dir: Path) -> None:
     """Write a snapshot's files into `ckpt_dir` (PEFT adapter layout + trainer state)."""
-    wait_for_copies()
+    if snapshot.copies is not None:
+        snapshot.copies.wait()
+    else:
+        wait_for_copies()
     snapshot.adapter_config.inference_mode = True
     snapshot.adapter_config.save_pretrained(str(ckpt_dir))
     save_file(snapshot.adapter, str(ckpt_dir / ADAPTER_WEIGHTS), metadata={"format": "pt"})
@@ -170,6 +196,23 @@ class TrainerCheckpointer:
         self.writer = AsyncCheckpointWriter()
         self.log = log
         self._pending: Snapshot | None = None  # submitted to the writer, not yet known to be written
+        self._copies: DeviceCopies | None = None  # of the last snapshot, until the next update waited for them
+        self._reserved = False
+
+    def prepare(self, state: TrainState) -> None:
+        """Once the optimizer has state (after the first update): allocate every save's pinned host
+        buffers now, so that no save blocks on it. Cheap after the first call."""
+        if self._reserved or not self.env.is_main:
+            return
+        reserve_snapshot_buffers(state)
+        self._reserved = True
+
+    def before_update(self) -> None:
+        """Before the optimizer changes parameters and moments: the training stream waits (on the
+        device) for the last snapshot's copies of them."""
+        copies, self._copies = self._copies, None
+        if copies is not None:
+            copies.before_update()
 
     def save(self, state: TrainState, *, blocking: bool = False) -> None:
         """Snapshot now; write now (blocking) or on the background thread. Every rank calls it
@@ -178,6 +221,7 @@ class TrainerCheckpointer:
         snapshot = take_snapshot(state, self.cfg, self.env, self.inputs)
         if snapshot is None:
             return
+        self._copies = snapshot.copies
         if blocking or not self.cfg.async_save:
             self.log(f"saved checkpoint {self._write_retrying(snapshot)}")
         else:
