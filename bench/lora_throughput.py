@@ -8,11 +8,12 @@ the JSON is rewritten after every arm):
   ref_compiled     the same, every transformer block torch.compile'd (regional)
   step_fast        steadyvla's per-step code (train/step.py) with the fast-path defaults of the device
   step_plain       the same with every fast path off
-  profile          torch.profiler top ops (self device time) of step_fast and ref_eager, 3 steps each
   finetune_e2e     `steadyvla finetune` subprocess on a synthetic LeRobot v3 dataset (num_workers,
                    saves every steps // 2 + at the end), then a resume: time to first step
   step_labels_only / step_fused_only / step_compile_only   one fast path on at a time
 
+`--profile` (default on) adds 3 profiled steps to ref_eager and step_fast and prints the top ops
+by self device time (torch.profiler key_averages); the tables also go into the JSON.
 All fixed-batch arms share one base model (LoRA is attached and removed per arm). FLOPs and MFU:
 see bench/lora_step_arms.py. GPU (one call; the default budget keeps it under 8 minutes):
 
@@ -21,7 +22,7 @@ see bench/lora_step_arms.py. GPU (one call; the default budget keeps it under 8 
 CPU smoke test:
 
     PYTHONPATH=src python bench/lora_throughput.py --device cpu --preset tiny --steps 3 --warmup 1 \\
-        --arms ref_eager,step_fast,step_plain,profile,finetune_e2e --workers 0 --out /tmp/lt.json
+        --arms ref_eager,step_fast,step_plain,finetune_e2e --workers 0 --out /tmp/lt.json
 """
 
 from __future__ import annotations
@@ -48,7 +49,7 @@ from steadyvla.config import build_config  # noqa: E402
 from steadyvla.model.build import action_tokenizer_for, build_vla, load_tokenizer, model_spec, wrap_lora  # noqa: E402
 from steadyvla.versions import library_versions  # noqa: E402
 
-ALL_ARMS = ("ref_eager", "ref_compiled", "step_fast", "step_plain", "profile", "finetune_e2e",
+ALL_ARMS = ("ref_eager", "ref_compiled", "step_fast", "step_plain", "finetune_e2e",
             "step_labels_only", "step_fused_only", "step_compile_only")
 # the fast-path keys of each steadyvla step arm (None = the device's default)
 STEP_ARMS = {
@@ -59,8 +60,9 @@ STEP_ARMS = {
     "step_compile_only": dict(logits_at_labels_only=False, compile_blocks=True, fused_optimizer=False),
 }
 # rough seconds an arm needs on an H100 for the 7B (compile arms: inductor's cache helps the later ones)
-ESTIMATE_S = {"ref_eager": 25, "ref_compiled": 90, "step_fast": 45, "step_plain": 25, "profile": 20,
+ESTIMATE_S = {"ref_eager": 30, "ref_compiled": 90, "step_fast": 50, "step_plain": 25,
               "finetune_e2e": 200, "step_labels_only": 25, "step_fused_only": 25, "step_compile_only": 45}
+PROFILED_ARMS = ("ref_eager", "step_fast")
 PEAK_BF16_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0}  # dense bf16 spec sheets
 
 
@@ -144,12 +146,24 @@ class Bench:
         self.save()
         print(f"[bench] {name}: {json.dumps({k: v for k, v in result.items() if k != 'traceback'})}", flush=True)
 
+    def _profiler(self, name: str):
+        """The profile callback for arm `name` (None when not profiled): prints and stores the table."""
+        if not self.args.profile or name not in PROFILED_ARMS:
+            return None
+
+        def profile(one_step) -> None:
+            table = profile_table(one_step, self.device)
+            self.out["profiles"][name] = table
+            print(f"[bench] profile of {name} (3 steps, top ops by self device time):\n{table}", flush=True)
+
+        return profile
+
     def _arm_ref_eager(self, name: str, compiled: bool = False) -> dict:
         model = self.lora()
         reset_memory(self.device)
         try:
             times, first = run_reference(model, self.cfg, self.batch, self.device, compiled=compiled,
-                                         warmup=self.args.warmup, steps=self.args.steps)
+                                         warmup=self.args.warmup, steps=self.args.steps, profile=self._profiler(name))
             return {**summarise(times, first, self.args.batch_size, self.flops, self.peak), **peak_memory(self.device)}
         finally:
             self.drop_lora(model)
@@ -163,31 +177,12 @@ class Bench:
         reset_memory(self.device)
         try:
             times, first = run_steadyvla_step(model, cfg, self.batch, self.device, self.action_tokenizer,
-                                              warmup=self.args.warmup, steps=self.args.steps)
+                                              warmup=self.args.warmup, steps=self.args.steps,
+                                              profile=self._profiler(name))
             return {"keys": STEP_ARMS[name], **summarise(times, first, self.args.batch_size, self.flops, self.peak),
                     **peak_memory(self.device)}
         finally:
             self.drop_lora(model)
-
-    def _arm_profile(self, name: str) -> dict:
-        for arm, runner in (("step_fast", "step"), ("ref_eager", "ref")):
-            tables: list[str] = []
-            model = self.lora()
-            profile = (lambda one_step: tables.append(profile_table(one_step, self.device)))
-            try:
-                if runner == "step":
-                    cfg = dataclasses.replace(self.cfg, **STEP_ARMS["step_fast"])
-                    run_steadyvla_step(model, cfg, self.batch, self.device, self.action_tokenizer, warmup=2, steps=1,
-                                       profile=profile)
-                else:
-                    run_reference(model, self.cfg, self.batch, self.device, compiled=False, warmup=2, steps=1,
-                                  profile=profile)
-            finally:
-                self.drop_lora(model)
-            self.out["profiles"][arm] = tables[0] if tables else None
-            print(f"[bench] profile of {arm} (3 steps, top ops by self device time):\n{tables[0] if tables else '-'}",
-                  flush=True)
-        return {"profiled": ["step_fast", "ref_eager"]}
 
     def _arm_finetune_e2e(self, name: str) -> dict:
         self.base_model()  # the FLOP count needs the model once
@@ -218,6 +213,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--e2e-timeout-s", type=float, default=260.0)
     p.add_argument("--peak-tflops", type=float, default=None, help="bf16 peak for MFU (default: by GPU name)")
     p.add_argument("--work-dir", default=None, help="end-to-end run's data and run dir (default: a temp dir)")
+    p.add_argument("--profile", action=argparse.BooleanOptionalAction, default=True,
+                   help="profile 3 extra steps of ref_eager and step_fast (top ops table)")
     p.add_argument("--out", default="lora_throughput.json")
     args = p.parse_args(argv)
     unknown = [a for a in args.arms.split(",") if a not in ALL_ARMS]
