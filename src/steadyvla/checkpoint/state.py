@@ -24,10 +24,11 @@ _COPY_STREAMS: dict[torch.device, torch.cuda.Stream] = {}
 
 
 def pinned_buffer(key: str | None, like: torch.Tensor) -> torch.Tensor:
-    """The reused pinned host buffer for `key` shaped like `like` (allocated on first use)."""
+    """The reused host buffer for `key` shaped like `like` (allocated on first use; pinned when
+    CUDA is there: device-to-host copies from pinned memory can be asynchronous)."""
     buf = _PINNED.get(key) if key is not None else None
     if buf is None or buf.shape != like.shape or buf.dtype != like.dtype:
-        buf = torch.empty(like.shape, dtype=like.dtype, pin_memory=True)
+        buf = torch.empty(like.shape, dtype=like.dtype, pin_memory=torch.cuda.is_available())
         if key is not None:
             _PINNED[key] = buf
     return buf
@@ -38,7 +39,9 @@ def cpu_copy(t: torch.Tensor, key: str | None = None) -> torch.Tensor:
     blocking, on the current stream (inside `device_to_host_copies`: the side stream); the bytes
     may be read only once `DeviceCopies.wait()` returned (the writer thread calls it)."""
     if not t.is_cuda:
-        return t.detach().to("cpu", copy=True).contiguous()
+        if key is None or t.device.type != "cpu":
+            return t.detach().to("cpu", copy=True).contiguous()
+        return pinned_buffer(key, t).copy_(t.detach())  # the same reuse as on CUDA, so CPU tests exercise it
     return pinned_buffer(key, t).copy_(t.detach(), non_blocking=True)
 
 
