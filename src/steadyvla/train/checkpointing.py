@@ -67,16 +67,18 @@ class Snapshot:
 
 
 def take_snapshot(state: TrainState, cfg: RunConfig, env: DistEnv = DistEnv(),
-                  inputs: dict[str, Any] | None = None) -> Snapshot | None:
+                  inputs: dict[str, Any] | None = None,
+                  adapter_view: dict[str, torch.Tensor] | None = None) -> Snapshot | None:
     """Copy all state to CPU (blocking part of a save). Collective: every rank calls it; rank 0
     gets the snapshot (with every rank's RNG), the others None. `inputs` (dataset fingerprint,
-    ICSM hash; see run_inputs) is stored so a resume can check them."""
+    ICSM hash; see run_inputs) is stored so a resume can check them. `adapter_view`: the adapter
+    state dict as live views of the parameters (`adapter_views`), to skip walking the model."""
     all_rng = gather_to_all(snapshot_rng(env.rank), env)
     if not env.is_main:
         return None
     copies = DeviceCopies(_param_device(state.model))
     with copies:  # adapter and optimizer state: on the side stream, overlapping the next step
-        peft_state = get_peft_model_state_dict(state.model, save_embedding_layers=False)
+        peft_state = adapter_view if adapter_view is not None else _adapter_state(state.model)
         adapter = {k: cpu_copy(v, _adapter_key(k)) for k, v in peft_state.items()}
         optim_tensors, optim_meta = snapshot_optimizer(state.optimizer)
     tensors = dict(optim_tensors)
@@ -111,10 +113,23 @@ def take_snapshot(state: TrainState, cfg: RunConfig, env: DistEnv = DistEnv(),
     return Snapshot(state.global_step, adapter, adapter_config, tensors, meta, copies)
 
 
+def _adapter_state(model: PeftModel) -> dict[str, torch.Tensor]:
+    return get_peft_model_state_dict(model, save_embedding_layers=False)
+
+
+def adapter_views(model: PeftModel) -> dict[str, torch.Tensor] | None:
+    """The adapter state dict if every tensor in it is a view of a live parameter (so it stays
+    current as the optimizer updates in place, and a save need not walk the 7B model's full state
+    dict again); None otherwise."""
+    state = _adapter_state(model)
+    params = {p.data_ptr() for p in model.parameters()}
+    return state if all(t.data_ptr() in params for t in state.values()) else None
+
+
 def reserve_snapshot_buffers(state: TrainState) -> None:
     """Allocate the pinned host buffers of every save up front (once the optimizer has state), so
     no save, the first included, pays for pinning memory while training waits."""
-    for key, value in get_peft_model_state_dict(state.model, save_embedding_layers=False).items():
+    for key, value in _adapter_state(state.model).items():
         if value.is_cuda:
             pinned_buffer(_adapter_key(key), value)
     reserve_optimizer_buffers(state.optimizer)
@@ -198,6 +213,7 @@ class TrainerCheckpointer:
         self._pending: Snapshot | None = None  # submitted to the writer, not yet known to be written
         self._copies: DeviceCopies | None = None  # of the last snapshot, until the next update waited for them
         self._reserved = False
+        self._adapter_view: dict[str, torch.Tensor] | None = None  # set by `prepare`
 
     def prepare(self, state: TrainState) -> None:
         """Once the optimizer has state (after the first update): allocate every save's pinned host
@@ -205,6 +221,7 @@ class TrainerCheckpointer:
         if self._reserved or not self.env.is_main:
             return
         reserve_snapshot_buffers(state)
+        self._adapter_view = adapter_views(state.model)
         self._reserved = True
 
     def before_update(self) -> None:
@@ -218,7 +235,7 @@ class TrainerCheckpointer:
         """Snapshot now; write now (blocking) or on the background thread. Every rank calls it
         (the RNG gather is collective); only rank 0 writes."""
         self.wait()  # never two saves in flight; the snapshot reuses host buffers
-        snapshot = take_snapshot(state, self.cfg, self.env, self.inputs)
+        snapshot = take_snapshot(state, self.cfg, self.env, self.inputs, self._adapter_view)
         if snapshot is None:
             return
         self._copies = snapshot.copies

@@ -39,10 +39,12 @@ def compile_blocks(model: nn.Module) -> int:
     checkpointing, PEFT's LoRA layers and the method's hooks stay as they are around each block."""
     import torch._dynamo
 
-    torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, _DYNAMO_CACHE_LIMIT)
-    if hasattr(torch._dynamo.config, "accumulated_cache_size_limit"):
-        torch._dynamo.config.accumulated_cache_size_limit = max(
-            torch._dynamo.config.accumulated_cache_size_limit, _DYNAMO_CACHE_LIMIT)
+    config = torch._dynamo.config
+    for name, limit in (("recompile_limit", _DYNAMO_CACHE_LIMIT), ("cache_size_limit", _DYNAMO_CACHE_LIMIT),
+                        ("accumulated_recompile_limit", 4 * _DYNAMO_CACHE_LIMIT),
+                        ("accumulated_cache_size_limit", 4 * _DYNAMO_CACHE_LIMIT)):
+        if hasattr(config, name):  # renamed across torch versions
+            setattr(config, name, max(getattr(config, name), limit))
     count = 0
     for module in model.modules():
         if type(module).__name__ in COMPILED_BLOCK_TYPES:
