@@ -53,14 +53,17 @@ def _launch(config: dict, work: Path, name: str, timeout: float, first_step: int
     with log.open("w") as out:
         proc = subprocess.Popen([sys.executable, "-m", "steadyvla.cli", "finetune", "--config", str(path)],
                                 stdout=out, stderr=subprocess.STDOUT, env=env, cwd=str(work))
-        while proc.poll() is None:
-            if first_line_s is None and any(int(r["step"]) >= first_step for r in read_metrics(metrics)):
-                first_line_s = time.perf_counter() - started
-            if time.perf_counter() - started > timeout:
+        try:
+            while proc.poll() is None:
+                if first_line_s is None and any(int(r["step"]) >= first_step for r in read_metrics(metrics)):
+                    first_line_s = time.perf_counter() - started
+                if time.perf_counter() - started > timeout:
+                    break
+                time.sleep(0.05)
+        finally:  # also when the bench's budget alarm interrupts the wait
+            if proc.poll() is None:
                 proc.kill()
                 proc.wait()
-                break
-            time.sleep(0.05)
     wall = time.perf_counter() - started
     if first_line_s is None and any(int(r["step"]) >= first_step for r in read_metrics(metrics)):
         first_line_s = wall

@@ -7,9 +7,9 @@ the JSON is rewritten after every arm):
                    AdamW, loss.item() per step) on a fixed batch, eager
   ref_compiled     the same, every transformer block torch.compile'd (regional)
   step_fast        steadyvla's per-step code (train/step.py) with the fast-path defaults of the device
-  step_plain       the same with every fast path off
   finetune_e2e     `steadyvla finetune` subprocess on a synthetic LeRobot v3 dataset (num_workers,
                    saves every steps // 2 + at the end), then a resume: time to first step
+  step_plain       steadyvla's step with every fast path off
   step_labels_only / step_fused_only / step_compile_only   one fast path on at a time
 
 `--profile` (default on) adds 3 profiled steps to ref_eager and step_fast and prints the top ops
@@ -31,6 +31,7 @@ import argparse
 import dataclasses
 import gc
 import json
+import signal
 import sys
 import tempfile
 import time
@@ -49,7 +50,7 @@ from steadyvla.config import build_config  # noqa: E402
 from steadyvla.model.build import action_tokenizer_for, build_vla, load_tokenizer, model_spec, wrap_lora  # noqa: E402
 from steadyvla.versions import library_versions  # noqa: E402
 
-ALL_ARMS = ("ref_eager", "ref_compiled", "step_fast", "step_plain", "finetune_e2e",
+ALL_ARMS = ("ref_eager", "ref_compiled", "step_fast", "finetune_e2e", "step_plain",
             "step_labels_only", "step_fused_only", "step_compile_only")
 # the fast-path keys of each steadyvla step arm (None = the device's default)
 STEP_ARMS = {
@@ -61,7 +62,7 @@ STEP_ARMS = {
 }
 # rough seconds an arm needs on an H100 for the 7B (compile arms: inductor's cache helps the later ones)
 ESTIMATE_S = {"ref_eager": 30, "ref_compiled": 90, "step_fast": 50, "step_plain": 25,
-              "finetune_e2e": 200, "step_labels_only": 25, "step_fused_only": 25, "step_compile_only": 45}
+              "finetune_e2e": 150, "step_labels_only": 25, "step_fused_only": 25, "step_compile_only": 45}
 PROFILED_ARMS = ("ref_eager", "step_fast")
 PEAK_BF16_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0}  # dense bf16 spec sheets
 
@@ -134,6 +135,9 @@ class Bench:
             return
         print(f"[bench] {name} ...", flush=True)
         t0 = time.perf_counter()
+        # a hard stop at the budget plus a grace period: an arm that overruns (a slow compile) is
+        # cut off and recorded, and the results so far are already on disk
+        signal.alarm(max(5, int(self.left() + self.args.grace_s)))
         try:
             result = getattr(self, f"_arm_{'step' if name in STEP_ARMS else name}")(name)
         except Exception as err:  # noqa: BLE001 - one failing arm must not lose the others
@@ -141,6 +145,8 @@ class Bench:
             gc.collect()
             if self.device.type == "cuda":
                 torch.cuda.empty_cache()
+        finally:
+            signal.alarm(0)
         result["arm_wall_s"] = round(time.perf_counter() - t0, 1)
         self.out["arms"][name] = result
         self.save()
@@ -196,6 +202,14 @@ class Bench:
                        self.args.image_size, self.args.warmup, self.args.steps, timeout, self.peak, self.flops)
 
 
+class BudgetExceeded(Exception):
+    """Raised by SIGALRM when an arm runs past the budget's grace period."""
+
+
+def _on_alarm(_signum, _frame) -> None:
+    raise BudgetExceeded("the arm ran past --budget-s + --grace-s and was stopped")
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--preset", default="openvla-7b", choices=["tiny", "openvla-7b"])
@@ -208,7 +222,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--warmup", type=int, default=3, help="warm-up steps per arm (the first one compiles)")
     p.add_argument("--workers", type=int, default=8, help="num_workers of the end-to-end run")
     p.add_argument("--image-size", type=int, default=224, help="frame size of the end-to-end run's dataset")
-    p.add_argument("--budget-s", type=float, default=450.0, help="arms that would not fit in what is left are skipped")
+    p.add_argument("--budget-s", type=float, default=420.0, help="arms that would not fit in what is left are skipped")
+    p.add_argument("--grace-s", type=float, default=40.0, help="an arm still running this long after the budget is stopped")
     p.add_argument("--estimate-scale", type=float, default=1.0, help="scale of the per-arm time estimates (0 = run all)")
     p.add_argument("--e2e-timeout-s", type=float, default=260.0)
     p.add_argument("--peak-tflops", type=float, default=None, help="bf16 peak for MFU (default: by GPU name)")
@@ -222,11 +237,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         p.error(f"--arms: unknown {unknown}; valid: {', '.join(ALL_ARMS)}")
     if args.preset != "tiny" and not args.tokenizer:
         p.error("--tokenizer: required for --preset openvla-7b (a Llama-2 tokenizer dir)")
+    if args.tokenizer:  # absolute: the end-to-end run starts in its own work dir
+        args.tokenizer = str(Path(args.tokenizer).resolve())
+        if not Path(args.tokenizer).is_dir():
+            p.error(f"--tokenizer: {args.tokenizer} is not a directory")
     return args
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    signal.signal(signal.SIGALRM, _on_alarm)
     bench = Bench(args)
     bench.save()
     for name in args.arms.split(","):
