@@ -9,8 +9,9 @@ number for every arm (it is the work the step needs, not what an arm happens to 
       + sum over attention layers      12 * B * S^2 * d               (QK^T, PV: 4BS^2d forward, 2x in backward)
 
 with `tokens` the rows a layer sees: B*L for the LLM (L = 256 patches + padded text length T),
-B*S_tower for each ViT block that runs (S = patches + prefix tokens; the last block and SigLIP's
-pooling head never run: features come from the second-to-last block), B*256 for the projector,
+B*S_tower for each ViT block whose output is used (S = patches + prefix tokens; features come from
+the second-to-last block: timm's get_intermediate_layers still runs the last block's forward, wasted
+and not counted; SigLIP's pooling head never runs), B*256 for the projector,
 and B*(T-1) for the LM head: the positions a label can be at (the head at the 256 patch positions,
 which the reference computes, is wasted work and not counted). Frozen weights get no weight
 gradient, so 6*N*tokens (dense training) over-counts LoRA fine-tuning by ~1/3. Attention is
@@ -38,7 +39,7 @@ from steadyvla.train.checkpointing import TrainState
 from steadyvla.train.fast_paths import compile_blocks, compile_enabled, fused_enabled
 from steadyvla.train.metrics import read_metrics_values
 from steadyvla.train.optim import build_optimizer, build_scheduler
-from steadyvla.train.step import MODEL_INPUTS, accumulate_gradients, apply_update, finish_step
+from steadyvla.train.step import accumulate_gradients, apply_update, finish_step
 
 INSTRUCTIONS = ["pick up the red block and put it in the bowl", "open the top drawer", "push the puck to the goal",
                 "press the button on the left of the table"]
