@@ -14,6 +14,7 @@ from safetensors.torch import load_file
 
 from steadyvla.checkpoint.layout import ADAPTER_WEIGHTS, METRICS_JSONL, TRAINER_STATE_TENSORS
 from steadyvla.memory_runtime import MEMORY_METRIC_KEYS
+from steadyvla.train.metrics import TIMING_METRIC_KEYS
 
 REPO = Path(__file__).resolve().parents[1]
 DEMO_CONFIG = REPO / "configs" / "demo.yaml"
@@ -44,10 +45,12 @@ def config_args(values: dict) -> list[str]:
 
 
 def metrics_lines(run_dir: Path) -> list[dict]:
-    """metrics.jsonl records without the memory keys: RSS and GPU peaks are not deterministic, every
-    other key is compared bit for bit between runs (tests of the memory keys read the file itself)."""
+    """metrics.jsonl records without the memory and timing keys: RSS, GPU peaks and wall times are not
+    deterministic, every other key is compared bit for bit between runs (tests of those keys read the
+    file itself)."""
     rows = [json.loads(line) for line in (run_dir / METRICS_JSONL).read_text().splitlines()]
-    return [{k: v for k, v in row.items() if k not in MEMORY_METRIC_KEYS} for row in rows]
+    skipped = (*MEMORY_METRIC_KEYS, *TIMING_METRIC_KEYS)
+    return [{k: v for k, v in row.items() if k not in skipped} for row in rows]
 
 
 def checkpoint_tensors(ckpt: Path) -> dict:

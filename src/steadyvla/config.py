@@ -154,6 +154,11 @@ class RunConfig:
     # --- memory (steadyvla memory; preflight before the first step)
     activation_checkpointing: bool = False  # recompute LLM layer activations in backward: far less GPU memory
     force: bool = False  # start even when the memory preflight says the run will not fit
+    # --- speed (fast paths; each gives the same math as the plain path up to round-off, none is
+    # resume-critical; docs/PERFORMANCE.md measures them)
+    logits_at_labels_only: bool = True  # LM head + loss only at text positions, never at the 256 patches
+    compile_blocks: bool | None = None  # torch.compile each decoder/ViT block; null = on CUDA, off on CPU
+    fused_optimizer: bool | None = None  # fused AdamW + foreach grad clipping; null = on CUDA, off on CPU
     # --- LoRA
     use_lora: bool = True
     lora_rank: int = 32

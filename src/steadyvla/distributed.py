@@ -73,14 +73,18 @@ def wrap_data_parallel(model: torch.nn.Module, env: DistEnv) -> torch.nn.Module:
     return DistributedDataParallel(model, device_ids=ids, find_unused_parameters=True)
 
 
-def mean_across_ranks(values: dict[str, float], env: DistEnv) -> dict[str, float]:
-    """Average scalar metrics over ranks (keys in sorted order on every rank)."""
+def mean_across_ranks(values: dict[str, Any], env: DistEnv) -> dict[str, Any]:
+    """Average scalar metrics (floats or 0-dim tensors) over ranks (keys in sorted order on every
+    rank). The result stays a float64 tensor on the communication device: nothing waits for the
+    device here; the caller reads it when it logs."""
     if not env.distributed:
         return values
     keys = sorted(values)
-    t = torch.tensor([float(values[k]) for k in keys], dtype=torch.float64, device=_comm_device(env))
+    device = _comm_device(env)
+    t = torch.stack([torch.as_tensor(values[k], dtype=torch.float64).to(device).reshape(()) for k in keys])
     dist.all_reduce(t)
-    return {k: float(v) / env.world_size for k, v in zip(keys, t.tolist())}
+    t = t / env.world_size
+    return {k: t[i] for i, k in enumerate(keys)}
 
 
 def any_rank(flag: bool, env: DistEnv) -> bool:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import importlib.metadata
 import platform
 
@@ -9,6 +10,13 @@ import steadyvla
 
 
 def library_versions() -> dict[str, str]:
+    """Versions of the libraries that decide numerics (looked up once per process: each lookup
+    scans sys.path, which would make every checkpoint save block longer)."""
+    return dict(_library_versions())
+
+
+@functools.cache
+def _library_versions() -> dict[str, str]:
     out = {"steadyvla": steadyvla.__version__, "python": platform.python_version()}
     for name in ("torch", "transformers", "peft", "timm", "safetensors"):
         try:

@@ -20,26 +20,116 @@ RNG_PREFIX = "rng"
 # Pinned host buffers reused across saves (allocating pinned memory costs more than the copy).
 # Safe because a new snapshot is taken only after the previous save finished writing.
 _PINNED: dict[str, torch.Tensor] = {}
+_COPY_STREAMS: dict[torch.device, torch.cuda.Stream] = {}
+
+
+def pinned_buffer(key: str | None, like: torch.Tensor) -> torch.Tensor:
+    """The reused host buffer for `key` shaped like `like` (allocated on first use; pinned when
+    CUDA is there: device-to-host copies from pinned memory can be asynchronous)."""
+    buf = _PINNED.get(key) if key is not None else None
+    if buf is None or buf.shape != like.shape or buf.dtype != like.dtype:
+        buf = torch.empty(like.shape, dtype=like.dtype, pin_memory=torch.cuda.is_available())
+        if key is not None:
+            _PINNED[key] = buf
+    return buf
 
 
 def cpu_copy(t: torch.Tensor, key: str | None = None) -> torch.Tensor:
     """A CPU copy. CUDA tensors go to (reused, when `key` is given) pinned memory without
-    blocking: the copy is ordered before any later kernel on the stream, and `wait_for_copies()`
-    runs on the writer thread before the bytes are read."""
+    blocking, on the current stream (inside `device_to_host_copies`: the side stream); the bytes
+    may be read only once `DeviceCopies.wait()` returned (the writer thread calls it)."""
     if not t.is_cuda:
-        return t.detach().to("cpu", copy=True).contiguous()
-    buf = _PINNED.get(key) if key is not None else None
-    if buf is None or buf.shape != t.shape or buf.dtype != t.dtype:
-        buf = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
-        if key is not None:
-            _PINNED[key] = buf
+        if key is None or t.device.type != "cpu":
+            return t.detach().to("cpu", copy=True).contiguous()
+        return pinned_buffer(key, t).copy_(t.detach())  # the same reuse as on CUDA, so CPU tests exercise it
+    buf = pinned_buffer(key, t)
+    if _ACTIVE and _ACTIVE[-1].stream is not None:
+        _ACTIVE[-1].pending.append((buf, t.detach()))  # issued together when the block ends
+        return buf
     return buf.copy_(t.detach(), non_blocking=True)
 
 
+_ACTIVE: list["DeviceCopies"] = []  # the DeviceCopies block cpu_copy is called in, if any
+
+
+class DeviceCopies:
+    """The device-to-host copies of one snapshot: issued on a side stream so they overlap the next
+    step's forward and backward; the training stream waits for them only before its next update
+    (`before_update`), the writer thread before it reads the bytes (`wait`)."""
+
+    def __init__(self, device: torch.device | None):
+        self.device = device
+        self.stream: torch.cuda.Stream | None = None
+        self.events: list[torch.cuda.Event] = []
+        self.pending: list[tuple[torch.Tensor, torch.Tensor]] = []  # (host buffer, device tensor)
+        if device is not None and device.type == "cuda":
+            if device not in _COPY_STREAMS:
+                _COPY_STREAMS[device] = torch.cuda.Stream(device)
+            self.stream = _COPY_STREAMS[device]
+
+    def __enter__(self) -> "DeviceCopies":
+        if self.stream is not None:
+            self.stream.wait_stream(torch.cuda.current_stream(self.device))  # copy what the step wrote
+            self._context = torch.cuda.stream(self.stream)
+            self._context.__enter__()
+        _ACTIVE.append(self)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        _ACTIVE.pop()
+        if self.stream is not None:
+            try:
+                self._issue()
+            finally:
+                self._context.__exit__(*exc)
+                self.events.append(self.stream.record_event())
+
+    def _issue(self) -> None:
+        # one foreach call instead of thousands of Python-level copy_ calls (the 7B adapter + AdamW
+        # moments are ~2,700 tensors): that per-call overhead was most of a save's blocking time
+        pending, self.pending = self.pending, []
+        if not pending:
+            return
+        dst, src = [d for d, _ in pending], [s for _, s in pending]
+        try:
+            torch._foreach_copy_(dst, src, non_blocking=True)
+        except (RuntimeError, TypeError, AttributeError):
+            for d, s in pending:
+                d.copy_(s, non_blocking=True)
+
+    def mark_current_stream(self) -> None:
+        """Also wait for copies issued on the training stream so far (e.g. hook state)."""
+        if self.device is not None and self.device.type == "cuda":
+            self.events.append(torch.cuda.current_stream(self.device).record_event())
+
+    def before_update(self) -> None:
+        """Make the training stream wait (on the device, not the host) until the copies are done."""
+        if self.device is not None and self.device.type == "cuda":
+            for event in self.events:
+                torch.cuda.current_stream(self.device).wait_event(event)
+
+    def wait(self) -> None:
+        """Block the calling (writer) thread until every copy is done."""
+        for event in self.events:
+            event.synchronize()
+
+
 def wait_for_copies() -> None:
-    """Block until the device-to-host copies issued by the snapshot are done (writer thread)."""
+    """Block until every device-to-host copy issued so far is done (whole device)."""
     if torch.cuda.is_available() and torch.cuda.is_initialized():
         torch.cuda.synchronize()
+
+
+def reserve_optimizer_buffers(optimizer: torch.optim.Optimizer) -> None:
+    """Allocate the pinned buffers `snapshot_optimizer` will copy into (call once the state exists)."""
+    for pid, state in optimizer.state_dict()["state"].items():
+        for name, value in state.items():
+            if isinstance(value, torch.Tensor) and value.is_cuda:
+                pinned_buffer(_optim_key(pid, name), value)
+
+
+def _optim_key(pid: int, name: str) -> str:
+    return f"{OPTIM_PREFIX}.{pid}.{name}"
 
 
 def snapshot_optimizer(optimizer: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
@@ -50,7 +140,7 @@ def snapshot_optimizer(optimizer: torch.optim.Optimizer) -> tuple[dict[str, torc
     for pid, state in sd["state"].items():
         for name, value in state.items():
             if isinstance(value, torch.Tensor):
-                key = f"{OPTIM_PREFIX}.{pid}.{name}"
+                key = _optim_key(pid, name)
                 tensors[key] = cpu_copy(value, key)
             else:
                 scalars.setdefault(str(pid), {})[name] = value

@@ -23,6 +23,13 @@ class ActionTokenizer:
         self.max_action = max_action
         self.bins = np.linspace(min_action, max_action, n_bins)
         self.bin_centers = (self.bins[:-1] + self.bins[1:]) / 2.0
+        self._device_centers: dict[torch.device, torch.Tensor] = {}
+
+    def _centers_on(self, device: torch.device) -> torch.Tensor:
+        # cached: a pageable host-to-device copy per step would make the host wait for the device
+        if device not in self._device_centers:
+            self._device_centers[device] = torch.as_tensor(self.bin_centers, dtype=torch.float32, device=device)
+        return self._device_centers[device]
 
     @property
     def first_action_id(self) -> int:
@@ -42,7 +49,7 @@ class ActionTokenizer:
 
     def decode_torch(self, token_ids: torch.Tensor) -> torch.Tensor:
         """Like `decode` but stays on the tensor's device (used in the training metrics)."""
-        centers = torch.as_tensor(self.bin_centers, dtype=torch.float32, device=token_ids.device)
+        centers = self._centers_on(token_ids.device)
         index = (self.vocab_end - token_ids - 1).clamp(0, centers.shape[0] - 1)
         return centers[index]
 

@@ -76,8 +76,10 @@ class VLAOutput:
     """Loss (mean CE over label positions) and the logits/labels aligned for metrics."""
 
     loss: torch.Tensor | None
-    logits: torch.Tensor  # with labels: [B, L-1, V] shifted to align with `labels`; without: [B, L, V]
-    labels: torch.Tensor | None  # [B, L] targets aligned with `logits`
+    # with labels: [B, L-1, V] shifted to align with `labels` (text_logits_only: [B, T-1, V], the text
+    # positions only); without labels: [B, L, V]
+    logits: torch.Tensor
+    labels: torch.Tensor | None  # targets aligned with `logits`
     hidden_states: tuple[torch.Tensor, ...] | None = None
 
 
@@ -91,6 +93,9 @@ class VLA(nn.Module):
         llm_config = spec.llm_config()
         self.projector = Projector(self.vision_backbone.embed_dim, llm_config.hidden_size, fused=spec.fused)
         self.language_model = LlamaForCausalLM(llm_config)
+        # Training with labels: the vocabulary head runs only at the text positions (never at the
+        # patches, ~90% of the sequence). Same loss and metrics; off = OpenVLA's full-sequence head.
+        self.text_logits_only = False
 
     @property
     def num_patches(self) -> int:
@@ -117,6 +122,8 @@ class VLA(nn.Module):
     ) -> VLAOutput:
         """Multimodal forward; loss is next-token CE on labels != IGNORE_INDEX (actions + EOS)."""
         embeds, mask = self.multimodal_embeddings(input_ids, attention_mask, pixel_values)
+        if labels is not None and self.text_logits_only:
+            return self._text_positions_forward(embeds, mask, labels, output_hidden_states)
         out = self.language_model(
             inputs_embeds=embeds, attention_mask=mask, output_hidden_states=output_hidden_states, use_cache=False
         )
@@ -125,5 +132,24 @@ class VLA(nn.Module):
         logits = out.logits[:, :-1]
         ignore = labels.new_full((labels.shape[0], self.num_patches), IGNORE_INDEX)
         targets = torch.cat([labels[:, :1], ignore, labels[:, 1:]], dim=1)[:, 1:]
-        loss = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), targets.reshape(-1), ignore_index=IGNORE_INDEX)
-        return VLAOutput(loss, logits, targets, out.hidden_states)
+        return VLAOutput(_token_loss(logits, targets), logits, targets, out.hidden_states)
+
+    def _text_positions_forward(
+        self, embeds: torch.Tensor, mask: torch.Tensor, labels: torch.Tensor, output_hidden_states: bool
+    ) -> VLAOutput:
+        """The labelled forward with the LM head only where a label can be: the positions that predict
+        text tokens 1.. (after the patches). The target of every patch position (and of <BOS>, which
+        predicts the first patch) is IGNORE_INDEX, so dropping them changes neither the loss (mean CE
+        over the same positions) nor the metrics. A static slice, so no host synchronisation."""
+        out = self.language_model.model(
+            inputs_embeds=embeds, attention_mask=mask, output_hidden_states=output_hidden_states, use_cache=False
+        )
+        hidden = out.last_hidden_state[:, self.num_patches:-1]  # position P + j predicts text token j + 1
+        logits = self.language_model.lm_head(hidden)
+        targets = labels[:, 1:]
+        return VLAOutput(_token_loss(logits, targets), logits, targets, out.hidden_states)
+
+
+def _token_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Mean next-token cross-entropy (fp32) over targets != IGNORE_INDEX."""
+    return F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), targets.reshape(-1), ignore_index=IGNORE_INDEX)

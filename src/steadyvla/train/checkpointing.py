@@ -24,8 +24,8 @@ from steadyvla.checkpoint.layout import (
 )
 from steadyvla.checkpoint.manager import CheckpointManager
 from steadyvla.checkpoint.state import (
-    cpu_copy, restore_optimizer, restore_rng, select_prefix, snapshot_optimizer, snapshot_rng, snapshot_tensors,
-    wait_for_copies,
+    DeviceCopies, cpu_copy, pinned_buffer, reserve_optimizer_buffers, restore_optimizer, restore_rng, select_prefix,
+    snapshot_optimizer, snapshot_rng, snapshot_tensors, wait_for_copies,
 )
 from steadyvla.config import RunConfig
 from steadyvla.data.sampler import DataPosition
@@ -66,19 +66,24 @@ class Snapshot:
     tensors: dict[str, torch.Tensor]
     meta: dict[str, Any]
     keep_steps: frozenset[int] = frozenset()  # checkpoints retention must keep (hooks' protected_steps)
+    copies: DeviceCopies | None = None  # None: the copies were synchronous (or wait for the whole device)
 
 
 def take_snapshot(state: TrainState, cfg: RunConfig, env: DistEnv = DistEnv(),
-                  inputs: dict[str, Any] | None = None) -> Snapshot | None:
+                  inputs: dict[str, Any] | None = None,
+                  adapter_view: dict[str, torch.Tensor] | None = None) -> Snapshot | None:
     """Copy all state to CPU (blocking part of a save). Collective: every rank calls it; rank 0
     gets the snapshot (with every rank's RNG), the others None. `inputs` (dataset fingerprint,
-    ICSM hash; see run_inputs) is stored so a resume can check them."""
+    ICSM hash; see run_inputs) is stored so a resume can check them. `adapter_view`: the adapter
+    state dict as live views of the parameters (`adapter_views`), to skip walking the model."""
     all_rng = gather_to_all(snapshot_rng(env.rank), env)
     if not env.is_main:
         return None
-    peft_state = get_peft_model_state_dict(state.model, save_embedding_layers=False)
-    adapter = {k: cpu_copy(v, f"adapter.{k}") for k, v in peft_state.items()}
-    optim_tensors, optim_meta = snapshot_optimizer(state.optimizer)
+    copies = DeviceCopies(_param_device(state.model))
+    with copies:  # adapter and optimizer state: on the side stream, overlapping the next step
+        peft_state = adapter_view if adapter_view is not None else _adapter_state(state.model)
+        adapter = {k: cpu_copy(v, _adapter_key(k)) for k, v in peft_state.items()}
+        optim_tensors, optim_meta = snapshot_optimizer(state.optimizer)
     tensors = dict(optim_tensors)
     for rng_tensors, _ in all_rng:
         tensors.update(rng_tensors)
@@ -89,6 +94,7 @@ def take_snapshot(state: TrainState, cfg: RunConfig, env: DistEnv = DistEnv(),
         hook_tensors, hook_meta = hook.state_dict()
         tensors.update(snapshot_tensors(f"{METHOD_PREFIX}.{hook.name}", hook_tensors))
         method_meta[hook.name] = hook_meta
+    copies.mark_current_stream()  # hook state was copied on the training stream: hooks may change it next step
     meta = {
         "format_version": STATE_FORMAT_VERSION,
         "global_step": state.global_step,
@@ -109,12 +115,47 @@ def take_snapshot(state: TrainState, cfg: RunConfig, env: DistEnv = DistEnv(),
     if inputs is not None:
         meta[INPUTS_KEY] = inputs
     adapter_config = copy.deepcopy(state.model.peft_config["default"])
-    return Snapshot(state.global_step, adapter, adapter_config, tensors, meta, frozenset(keep_steps))
+    return Snapshot(state.global_step, adapter, adapter_config, tensors, meta, frozenset(keep_steps), copies)
+
+
+def _adapter_state(model: PeftModel) -> dict[str, torch.Tensor]:
+    return get_peft_model_state_dict(model, save_embedding_layers=False)
+
+
+def adapter_views(model: PeftModel) -> dict[str, torch.Tensor] | None:
+    """The adapter state dict if every tensor in it is a view of a live parameter (so it stays
+    current as the optimizer updates in place, and a save need not walk the 7B model's full state
+    dict again); None otherwise."""
+    state = _adapter_state(model)
+    params = {p.data_ptr() for p in model.parameters()}
+    return state if all(t.data_ptr() in params for t in state.values()) else None
+
+
+def reserve_snapshot_buffers(state: TrainState) -> None:
+    """Allocate the pinned host buffers of every save up front (once the optimizer has state), so
+    no save, the first included, pays for pinning memory while training waits."""
+    for key, value in _adapter_state(state.model).items():
+        if value.is_cuda:
+            pinned_buffer(_adapter_key(key), value)
+    reserve_optimizer_buffers(state.optimizer)
+    library_versions()  # cached after the first call
+
+
+def _adapter_key(name: str) -> str:
+    return f"adapter.{name}"
+
+
+def _param_device(model: torch.nn.Module) -> torch.device | None:
+    param = next(model.parameters(), None)
+    return param.device if param is not None else None
 
 
 def write_snapshot(snapshot: Snapshot, ckpt_dir: Path) -> None:
     """Write a snapshot's files into `ckpt_dir` (PEFT adapter layout + trainer state)."""
-    wait_for_copies()
+    if snapshot.copies is not None:
+        snapshot.copies.wait()
+    else:
+        wait_for_copies()
     snapshot.adapter_config.inference_mode = True
     snapshot.adapter_config.save_pretrained(str(ckpt_dir))
     save_file(snapshot.adapter, str(ckpt_dir / ADAPTER_WEIGHTS), metadata={"format": "pt"})
@@ -176,14 +217,34 @@ class TrainerCheckpointer:
         self.writer = AsyncCheckpointWriter()
         self.log = log
         self._pending: Snapshot | None = None  # submitted to the writer, not yet known to be written
+        self._copies: DeviceCopies | None = None  # of the last snapshot, until the next update waited for them
+        self._reserved = False
+        self._adapter_view: dict[str, torch.Tensor] | None = None  # set by `prepare`
+
+    def prepare(self, state: TrainState) -> None:
+        """Once the optimizer has state (after the first update): allocate every save's pinned host
+        buffers now, so that no save blocks on it. Cheap after the first call."""
+        if self._reserved or not self.env.is_main:
+            return
+        reserve_snapshot_buffers(state)
+        self._adapter_view = adapter_views(state.model)
+        self._reserved = True
+
+    def before_update(self) -> None:
+        """Before the optimizer changes parameters and moments: the training stream waits (on the
+        device) for the last snapshot's copies of them."""
+        copies, self._copies = self._copies, None
+        if copies is not None:
+            copies.before_update()
 
     def save(self, state: TrainState, *, blocking: bool = False) -> None:
         """Snapshot now; write now (blocking) or on the background thread. Every rank calls it
         (the RNG gather is collective); only rank 0 writes."""
         self.wait()  # never two saves in flight; the snapshot reuses host buffers
-        snapshot = take_snapshot(state, self.cfg, self.env, self.inputs)
+        snapshot = take_snapshot(state, self.cfg, self.env, self.inputs, self._adapter_view)
         if snapshot is None:
             return
+        self._copies = snapshot.copies
         if blocking or not self.cfg.async_save:
             self.log(f"saved checkpoint {self._write_retrying(snapshot)}")
         else:

@@ -28,6 +28,7 @@ from steadyvla.memory_report import Preflight, enforce, preflight_for
 from steadyvla.model.build import action_tokenizer_for, build_vla, load_tokenizer, model_spec, openvla_source, wrap_lora
 from steadyvla.model.prompt import PromptBuilder
 from steadyvla.train.checkpointing import TrainerCheckpointer, TrainState, load_into
+from steadyvla.train.fast_paths import apply_fast_paths, fused_enabled
 from steadyvla.hooks import TrainHook
 from steadyvla.train.loop import LoopResult, run_loop
 from steadyvla.train.metrics import MetricsLogger
@@ -246,8 +247,11 @@ def _train(cfg: RunConfig, env: DistEnv, log: Callable[[str], None], run_dir: Pa
         enable_activation_checkpointing(model.get_base_model().language_model)
     if env.rank > 0:  # same weights on every rank (seeded init), different dropout draws
         seed_everything(cfg.seed + env.rank)
+    fast = apply_fast_paths(model, cfg, device)  # after activation checkpointing: it wraps the compiled blocks
+    if fast:
+        log(f"fast paths: {', '.join(fast)}")
     train_model = wrap_data_parallel(model, env)
-    optimizer = build_optimizer(model, cfg)
+    optimizer = build_optimizer(model, cfg, fused=fused_enabled(cfg, device))
     scheduler = build_scheduler(optimizer, cfg)
     hooks: list[TrainHook] = []
     if cfg.method_enabled:

@@ -18,26 +18,47 @@ from steadyvla.checkpoint.layout import METRICS_JSONL, TENSORBOARD_DIR
 from steadyvla.model.action_tokenizer import ActionTokenizer
 from steadyvla.model.vla import VLAOutput
 
+# metrics.jsonl timing keys (wall clock: not deterministic; resume tests compare every other key)
+STEP_TIME_S = "step_time_s"  # wall seconds of the optimizer step the line logs
+CKPT_BLOCKING_S = "ckpt_blocking_s"  # seconds the most recent save blocked training (first line after it)
+TIMING_METRIC_KEYS = (STEP_TIME_S, CKPT_BLOCKING_S)
+
 
 @torch.no_grad()
-def action_metrics(output: VLAOutput, action_tokenizer: ActionTokenizer) -> dict[str, float]:
+def action_metrics(output: VLAOutput, action_tokenizer: ActionTokenizer) -> dict[str, torch.Tensor]:
     """`train_loss`, `action_accuracy` (argmax == label on action positions), `l1_loss`
-    (L1 between decoded bin centers of prediction and label)."""
+    (L1 between decoded bin centers of prediction and label), as 0-dim float32 tensors on the
+    model's device: computed without boolean indexing or `.item()`, so the step never waits for
+    the device; `read_metrics_values` reads them once per logged step."""
     preds = output.logits.argmax(dim=-1)
     mask = action_tokenizer.is_action_token(output.labels)
     correct = (preds == output.labels) & mask
     n = mask.sum().clamp(min=1)
-    l1 = (action_tokenizer.decode_torch(preds[mask]) - action_tokenizer.decode_torch(output.labels[mask])).abs()
+    l1 = (action_tokenizer.decode_torch(preds) - action_tokenizer.decode_torch(output.labels)).abs()
     return {
-        "train_loss": float(output.loss.detach()),
-        "action_accuracy": float(correct.sum() / n),
-        "l1_loss": float(l1.mean()) if l1.numel() else 0.0,
+        "train_loss": output.loss.detach().float(),
+        "action_accuracy": correct.sum() / n,
+        "l1_loss": torch.where(mask, l1, 0.0).sum() / n,  # 0 when there is no action position
     }
 
 
-def mean_metrics(rows: list[dict[str, float]]) -> dict[str, float]:
-    """Mean of each key over micro-batches (sum in a fixed order: deterministic)."""
-    return {k: sum(r[k] for r in rows) / len(rows) for k in rows[0]}
+def mean_metrics(rows: list[dict[str, torch.Tensor | float]]) -> dict[str, torch.Tensor | float]:
+    """Mean of each key over micro-batches, in float64 (sum in a fixed order: deterministic)."""
+    return {k: sum(_as_float64(r[k]) for r in rows) / len(rows) for k in rows[0]}
+
+
+def _as_float64(value: torch.Tensor | float) -> torch.Tensor | float:
+    return value.double() if isinstance(value, torch.Tensor) else value
+
+
+def read_metrics_values(metrics: dict[str, torch.Tensor | float]) -> dict[str, float]:
+    """Python floats of a metrics dict whose values may be device tensors: one transfer for all."""
+    tensors = [k for k, v in metrics.items() if isinstance(v, torch.Tensor)]
+    out = {k: float(v) for k, v in metrics.items() if k not in tensors}
+    if tensors:
+        values = torch.stack([metrics[k].detach().double().reshape(()) for k in tensors]).tolist()
+        out.update(zip(tensors, values))
+    return {k: out[k] for k in metrics}
 
 
 def read_metrics(path: Path) -> list[dict[str, Any]]:

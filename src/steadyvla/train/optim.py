@@ -11,11 +11,14 @@ from torch.optim.lr_scheduler import LambdaLR
 from steadyvla.config import RunConfig
 
 
-def build_optimizer(model: torch.nn.Module, cfg: RunConfig) -> torch.optim.AdamW:
-    """AdamW over parameters with requires_grad, in a fixed (named) order so state keys are stable."""
+def build_optimizer(model: torch.nn.Module, cfg: RunConfig, fused: bool = False) -> torch.optim.AdamW:
+    """AdamW over parameters with requires_grad, in a fixed (named) order so state keys are stable.
+    `fused`: one fused kernel over all parameters (`fused_optimizer`), else the per-parameter loop."""
     params = [p for _, p in sorted(model.named_parameters(), key=lambda kv: kv[0]) if p.requires_grad]
     if not params:
         raise ValueError("model has no trainable parameters (is use_lora false and the model frozen?)")
+    if fused:
+        return torch.optim.AdamW(params, lr=cfg.learning_rate, weight_decay=cfg.weight_decay, fused=True)
     return torch.optim.AdamW(params, lr=cfg.learning_rate, weight_decay=cfg.weight_decay, foreach=False)
 
 
