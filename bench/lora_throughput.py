@@ -50,19 +50,21 @@ from steadyvla.config import build_config  # noqa: E402
 from steadyvla.model.build import action_tokenizer_for, build_vla, load_tokenizer, model_spec, wrap_lora  # noqa: E402
 from steadyvla.versions import library_versions  # noqa: E402
 
-ALL_ARMS = ("ref_eager", "ref_compiled", "step_fast", "finetune_e2e", "step_plain",
+ALL_ARMS = ("ref_eager", "ref_compiled", "step_fast", "finetune_e2e", "step_plain", "step_lora_dtype_only",
             "step_labels_only", "step_fused_only", "step_compile_only")
 # the fast-path keys of each steadyvla step arm (None = the device's default)
+_OFF = dict(logits_at_labels_only=False, compile_blocks=False, fused_optimizer=False, lora_in_model_dtype=False)
 STEP_ARMS = {
-    "step_fast": dict(logits_at_labels_only=True, compile_blocks=None, fused_optimizer=None),
-    "step_plain": dict(logits_at_labels_only=False, compile_blocks=False, fused_optimizer=False),
-    "step_labels_only": dict(logits_at_labels_only=True, compile_blocks=False, fused_optimizer=False),
-    "step_fused_only": dict(logits_at_labels_only=False, compile_blocks=False, fused_optimizer=True),
-    "step_compile_only": dict(logits_at_labels_only=False, compile_blocks=True, fused_optimizer=False),
+    "step_fast": dict(logits_at_labels_only=True, compile_blocks=None, fused_optimizer=None, lora_in_model_dtype=True),
+    "step_plain": _OFF,
+    "step_lora_dtype_only": {**_OFF, "lora_in_model_dtype": True},
+    "step_labels_only": {**_OFF, "logits_at_labels_only": True},
+    "step_fused_only": {**_OFF, "fused_optimizer": True},
+    "step_compile_only": {**_OFF, "compile_blocks": True},
 }
 # rough seconds an arm needs on an H100 for the 7B (compile arms: inductor's cache helps the later ones)
 ESTIMATE_S = {"ref_eager": 30, "ref_compiled": 90, "step_fast": 50, "step_plain": 25,
-              "finetune_e2e": 150, "step_labels_only": 25, "step_fused_only": 25, "step_compile_only": 45}
+              "finetune_e2e": 150, "step_lora_dtype_only": 25, "step_labels_only": 25, "step_fused_only": 25, "step_compile_only": 45}
 PROFILED_ARMS = ("ref_eager", "step_fast")
 PEAK_BF16_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0}  # dense bf16 spec sheets
 

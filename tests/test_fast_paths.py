@@ -17,7 +17,7 @@ from steadyvla.config import build_config
 from steadyvla.faults import FAULT_ENV
 from steadyvla.model.build import action_tokenizer_for, build_vla, load_tokenizer, model_spec, wrap_lora
 from steadyvla.model.prompt import IGNORE_INDEX, PromptBuilder
-from steadyvla.train.fast_paths import apply_fast_paths, compile_blocks, compile_enabled, fused_enabled
+from steadyvla.train.fast_paths import apply_fast_paths, compile_blocks, compile_enabled, fused_enabled, lora_in_model_dtype
 from steadyvla.train.finetune import finetune
 from steadyvla.train.metrics import action_metrics, read_metrics_values
 from steadyvla.train.optim import build_optimizer
@@ -141,8 +141,9 @@ def test_fused_adamw_and_foreach_clipping_match_the_plain_update():
 
 
 def _fast_values(synthetic_root, run_root) -> dict:
-    # every fast path that runs on a CPU: label-position logits (default), fused AdamW + foreach clipping
-    return resume_values(synthetic_root, run_root, fused_optimizer=True, logits_at_labels_only=True)
+    # every fast path that runs on a CPU: label-position logits (default), fused AdamW + foreach clipping,
+    # LoRA in the model's dtype (a bf16 model)
+    return resume_values(synthetic_root, run_root, fused_optimizer=True, logits_at_labels_only=True, dtype="bfloat16")
 
 
 def test_kill_9_and_resume_with_fast_paths_on_is_bit_exact(synthetic_root, tmp_path):
@@ -155,7 +156,8 @@ def test_kill_9_and_resume_with_fast_paths_on_is_bit_exact(synthetic_root, tmp_p
     assert killed.returncode == -signal.SIGKILL
     resumed = run_cli(finetune_args(values))
     assert resumed.returncode == 0, resumed.stdout + resumed.stderr
-    assert "fast paths: logits_at_labels_only, fused_optimizer" in resumed.stdout
+    assert "fast paths: logits_at_labels_only, lora_in_model_dtype (" in resumed.stdout
+    assert "fused_optimizer" in resumed.stdout
     assert metrics_lines(run_dir_of(values)) == metrics_lines(ref_dir)
     final = f"checkpoints/step-{MAX_STEPS:06d}"
     assert_bitwise_equal(checkpoint_tensors(run_dir_of(values) / final), checkpoint_tensors(ref_dir / final))
@@ -173,3 +175,39 @@ def test_saves_into_reused_snapshot_buffers_write_the_same_files(make_config):
 
     assert_bitwise_equal(ckpt(every_step, 4), ckpt(once, 4))
     assert_bitwise_equal(ckpt(every_step, 2), ckpt(two, 2))
+
+
+def test_lora_in_model_dtype_runs_lora_in_bf16_with_fp32_master_weights():
+    cfg, tok, plain, action_tok = _tiny(dtype="bfloat16")
+    with torch.no_grad():  # B starts at zero: make the adapter's forward contribution visible
+        for name, p in plain.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0.0, 0.02, generator=torch.Generator().manual_seed(len(name)))
+    fast = copy.deepcopy(plain)
+    assert lora_in_model_dtype(fast) > 0
+    assert fast.state_dict().keys() == plain.state_dict().keys()
+    assert all(p.dtype == torch.float32 for n, p in fast.named_parameters() if p.requires_grad)
+    seen = []
+    proj = next(m for n, m in fast.named_modules() if n.endswith("lora_A.default"))
+    proj.register_forward_hook(lambda _m, _i, out: seen.append(out.dtype))
+    batch = _batch(tok, action_tok, plain.get_base_model().spec.image_size)
+    batch["pixel_values"] = batch["pixel_values"].to(torch.bfloat16)
+    losses = []
+    for model in (plain, fast):
+        loss = model(**batch).loss
+        loss.backward()
+        losses.append(loss.detach().float())
+    assert seen == [torch.bfloat16]  # the adapter's matmul ran in the model's dtype
+    # bf16 round-off: the adapter's matmuls lose fp32's mantissa bits (8 bits vs 24)
+    torch.testing.assert_close(losses[1], losses[0], rtol=2e-2, atol=2e-2)
+    grads = {n: p.grad for n, p in plain.named_parameters() if p.requires_grad}
+    for name, p in fast.named_parameters():
+        if p.requires_grad and grads[name] is None:  # layers the forward never runs (the towers' last block)
+            assert p.grad is None
+        elif p.requires_grad:
+            assert p.grad.dtype == torch.float32
+            rel = (p.grad - grads[name]).norm() / grads[name].norm().clamp_min(1e-12)
+            assert rel < 5e-2, (name, float(rel))
+    # on an fp32 model the adapter already has the model's dtype: nothing changes
+    _cfg, _tok, fp32_model, _ = _tiny()
+    assert lora_in_model_dtype(fp32_model) == 0

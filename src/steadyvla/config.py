@@ -159,6 +159,7 @@ class RunConfig:
     logits_at_labels_only: bool = True  # LM head + loss only at text positions, never at the 256 patches
     compile_blocks: bool | None = None  # torch.compile each decoder/ViT block; null = on CUDA, off on CPU
     fused_optimizer: bool | None = None  # fused AdamW + foreach grad clipping; null = on CUDA, off on CPU
+    lora_in_model_dtype: bool = True  # LoRA matmuls in the model's dtype (bf16), fp32 master weights kept
     # --- LoRA
     use_lora: bool = True
     lora_rank: int = 32

@@ -1,5 +1,6 @@
 """Speed options of the training step (config keys `logits_at_labels_only`, `compile_blocks`,
-`fused_optimizer`): each computes what the plain path computes, up to floating-point round-off.
+`fused_optimizer`, `lora_in_model_dtype`): each computes what the plain path computes, up to
+floating-point round-off (bf16 round-off for `lora_in_model_dtype` on a bf16 model).
 
 Regional compilation: every transformer block (Llama decoder layer, timm ViT block) is compiled
 in place with `nn.Module.compile()`, so identical blocks share one compiled graph (short compile
@@ -10,6 +11,7 @@ never see a compiled artefact, and a resumed run simply compiles again.
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from steadyvla.config import RunConfig
@@ -53,6 +55,39 @@ def compile_blocks(model: nn.Module) -> int:
     return count
 
 
+class ModelDtypeLinear(nn.Linear):
+    """A LoRA A or B projection computed in the dtype of its input (bf16 on a bf16 model). Its fp32
+    weight stays the master copy the optimizer updates; the cast is differentiable, so the weight's
+    gradient arrives in fp32. PEFT's default instead casts the bf16 activations up to fp32 and runs
+    the thin LoRA matmuls in fp32 (non-tensor-core kernels: ~25 % of the 7B step in the profile)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        bias = None if self.bias is None else self.bias.to(x.dtype)
+        return F.linear(x, self.weight.to(x.dtype), bias)
+
+
+def lora_in_model_dtype(model: nn.Module) -> int:
+    """Make every LoRA layer of `model` compute in the dtype of the activations reaching it; returns
+    how many LoRA projections changed (0 when the adapter already has the model's dtype). Module
+    names and state_dict keys are untouched (only the class of the A/B projections changes)."""
+    from peft.tuners.lora import LoraLayer
+
+    count = 0
+    for module in model.modules():
+        if not isinstance(module, LoraLayer):
+            continue
+        base_dtype = module.get_base_layer().weight.dtype
+        projections = [*module.lora_A.values(), *module.lora_B.values()]
+        if all(p.weight.dtype == base_dtype for p in projections):
+            continue
+        module.cast_input_dtype_enabled = False  # PEFT would cast the input to the adapter's fp32
+        for proj in projections:
+            if type(proj) is nn.Linear:
+                proj.__class__ = ModelDtypeLinear
+                count += 1
+    return count
+
+
 def apply_fast_paths(model: nn.Module, cfg: RunConfig, device: torch.device | str) -> list[str]:
     """Switch on the model-side fast paths `cfg` asks for on `model` (the PEFT-wrapped VLA);
     returns their names for the log."""
@@ -61,6 +96,8 @@ def apply_fast_paths(model: nn.Module, cfg: RunConfig, device: torch.device | st
     vla.text_logits_only = cfg.logits_at_labels_only
     if cfg.logits_at_labels_only:
         applied.append("logits_at_labels_only")
+    if cfg.lora_in_model_dtype and (changed := lora_in_model_dtype(model)):
+        applied.append(f"lora_in_model_dtype ({changed} projections)")
     if compile_enabled(cfg, device):
         applied.append(f"compile_blocks ({compile_blocks(vla)} blocks)")
     if fused_enabled(cfg, device):
