@@ -45,6 +45,8 @@ MAPPED_KEYS: dict[str, str] = {
     "probe_root_dir": "the root that `probe_dataset_name` is read from (default: data_root_dir)",
     "probe_image_root": "the base of relative image paths in `probe_jsonl` (default: the file's directory)",
     "early_stopping_enabled": "early stopping needs periodic evaluation, which is not available yet",
+    "save_interval": "full training's name of `save_steps`: when set, it is the save interval (it wins over "
+                     "`save_steps`)",
     "use_wandb": "logs every metrics.jsonl row to Weights & Biases too (pip extra `wandb`)",
 }
 
