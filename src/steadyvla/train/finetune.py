@@ -56,7 +56,7 @@ def _finetune(cfg: RunConfig, env: DistEnv, log: Callable[[str], None], preempti
         log(note)
     with RunDirLock(run_dir, env) as lock:
         plan: ResumePlan = plan_resume(cfg, run_dir, log)  # may raise before anything is written
-        changes = config_changes(cfg, plan)
+        changes = config_changes(cfg, plan, env.world_size)
         if plan.checkpoint is not None and plan.step >= cfg.max_steps:
             log(f"run already complete: checkpoint step {plan.step} >= max_steps {cfg.max_steps}; nothing to do")
             return LoopResult(plan.step, preempted=False)

@@ -10,8 +10,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Callable, Iterator
 
-import contextlib
-
 import torch
 from tqdm import tqdm
 
@@ -22,6 +20,7 @@ from steadyvla.faults import fault_point
 from steadyvla.memory_estimate import MemoryEstimate
 from steadyvla.memory_runtime import memory_metrics
 from steadyvla.model.action_tokenizer import ActionTokenizer
+from steadyvla.parallel import gradient_sync
 from steadyvla.train.checkpointing import TrainerCheckpointer, TrainState
 from steadyvla.train.metrics import MetricsLogger, action_metrics, mean_metrics
 from steadyvla.train.oom import StepStart, stop_after_oom
@@ -76,8 +75,8 @@ def run_loop(
                     state.data_position = sampler.advance(state.data_position)
                     inputs = {k: batch[k].to(env.device, non_blocking=True) for k in MODEL_INPUTS}
                     last = i == cfg.grad_accumulation_steps - 1
-                    # DDP all-reduces gradients only on the last micro-batch of the step
-                    with contextlib.nullcontext() if last or not env.distributed else train_model.no_sync():
+                    # DDP / FSDP reduce gradients only on the last micro-batch of the step
+                    with gradient_sync(train_model, last or not env.distributed):
                         output = train_model(**inputs)
                         (output.loss / cfg.grad_accumulation_steps).backward()
                     fault_point("backward", step + 1)  # tests: a gradient is partly accumulated here
@@ -100,6 +99,7 @@ def run_loop(
             for hook in state.hooks:
                 metrics.update(hook.on_step_end(state.global_step))
             metrics = {**mean_across_ranks(metrics, env), "lr": lr, "epoch": state.data_position.epoch}
+            state.last_metrics = metrics  # full-training checkpoint names carry the step's loss
             if state.global_step % cfg.log_every_steps == 0 or state.global_step == cfg.max_steps:
                 logger.log(state.global_step, {**metrics, **memory_metrics(env.device)})
             bar.update(1)
