@@ -26,12 +26,33 @@ MESH_DIMS = ("replicate", "shard")
 warnings.filterwarnings("ignore", message=r"FSDP2-wrapped module .* returned a view tensor")
 
 
+# ViT parts after the second-to-last block, which the VLA never runs (kept for checkpoint compatibility)
+UNUSED_TOWER_PARTS = ("norm", "fc_norm", "attn_pool", "head")
+
+
+def unused_vision_modules(model: nn.Module) -> list[nn.Module]:
+    """The towers' last block, final norm and pooling head: the forward stops at the second-to-last block."""
+    modules: list[nn.Module] = []
+    backbone = model.vision_backbone
+    for tower in (backbone.featurizer, backbone.fused_featurizer):
+        if tower is None:
+            continue
+        modules.extend(tower.blocks[len(tower.blocks) - 1:])
+        modules.extend(m for m in (getattr(tower, name, None) for name in UNUSED_TOWER_PARTS)
+                       if isinstance(m, nn.Module))
+    return modules
+
+
 def freeze_parts(model: nn.Module, cfg: RunConfig) -> None:
-    """`train_vision_backbone` / `train_projector` / `train_llm`: a frozen part gets no gradients."""
+    """`train_vision_backbone` / `train_projector` / `train_llm`: a frozen part gets no gradients. The
+    vision parts the forward never runs are frozen too: they would get no gradient and no optimizer
+    state, and a resumed optimizer must hold exactly the state of the uninterrupted one."""
     for part, train in (("vision_backbone", cfg.train_vision_backbone), ("projector", cfg.train_projector),
                         ("language_model", cfg.train_llm)):
         for param in getattr(model, part).parameters():
             param.requires_grad_(train)
+    for module in unused_vision_modules(model):
+        module.requires_grad_(False)
 
 
 def shard_units(model: nn.Module) -> list[nn.Module]:
