@@ -25,7 +25,8 @@ COMPARED = ("step", "train_loss", "action_accuracy", "l1_loss", "lr", "epoch")
 def values_for(synthetic_root: Path, run_root: Path, **extra) -> dict:
     values = dict(data_root_dir=str(synthetic_root), dataset_name="synth", run_root_dir=str(run_root), run_id="full",
                   use_lora=False, batch_size=2, grad_accumulation_steps=1, max_steps=6, save_steps=2,
-                  learning_rate=0.001, lr_scheduler="cosine", lr_warmup_steps=2, weight_decay=0.01,
+                  # warmup then constant: the lr of a step does not depend on max_steps, which these runs vary
+                  learning_rate=0.001, lr_scheduler="none", lr_warmup_steps=3, weight_decay=0.01,
                   progress_bar=False, seed=5)
     values.update(extra)
     return values
@@ -141,6 +142,22 @@ def test_users_resume_keys_and_a_truncated_shard(synthetic_root, tmp_path, fsdp_
     with pytest.raises(ConfigError, match=r"`resume_epoch`: 1, but checkpoint .* records epoch 0"):
         train(build_config({**base, "resume_step": 4, "resume_epoch": 1}), log=lambda m: None)
     assert not (tmp_path / "other").exists()  # refused before anything was written
+
+    # is_resume: false: the checkpoint's weights (or the same weights as a plain safetensors file) start a new run
+    from safetensors.torch import save_file
+
+    weights = tmp_path / "model.safetensors"
+    save_file({k[len("model/"):]: v.contiguous() for k, v in dcp_tensors(ckpt4).items() if k.startswith("model/")},
+              str(weights))
+    firsts = []
+    for source in (ckpt4, weights):
+        messages = []
+        fresh = {**base, "pretrained_checkpoint": str(source), "is_resume": False, "max_steps": 1,
+                 "run_id": f"init_{source.name}", "async_save": False}
+        assert train(build_config(fresh), log=messages.append).final_step == 1
+        assert any(f"initialised the model's weights from {source}" in m for m in messages)
+        firsts.append(metrics_lines(run_dir_for(build_config(fresh)))[0]["train_loss"])
+    assert firsts[0] == firsts[1]
 
     # a truncated shard of the newest checkpoint: the manifest catches it, resume takes the one before
     shard = sorted((checkpoint_at(run_dir, 6) / DCP_DIR).glob("*.distcp"))[0]
