@@ -166,3 +166,27 @@ def test_users_resume_keys_and_a_truncated_shard(synthetic_root, tmp_path, fsdp_
     found = CheckpointManager(run_dir, log=messages.append).resolve_latest()
     assert found == ckpt4
     assert any("truncated" in m and shard.name in m for m in messages)
+
+
+def test_full_training_keys_are_validated_with_the_field_named(synthetic_root, tmp_path):
+    from steadyvla.train.full_train import train
+
+    base = values_for(synthetic_root, tmp_path)
+    with pytest.raises(ConfigError, match=r"`strategy`: 'zero3' is not one of fsdp, ddp"):
+        build_config({**base, "strategy": "zero3"})
+    with pytest.raises(ConfigError, match=r"`hsdp_replicate_degree`: 2 needs `strategy: fsdp`"):
+        build_config({**base, "strategy": "ddp", "hsdp_replicate_degree": 2})
+    with pytest.raises(ConfigError, match="nothing to train"):
+        build_config({**base, "train_vision_backbone": False, "train_projector": False, "train_llm": False})
+    with pytest.raises(ConfigError, match=r"`resume_step`: -1 must be >= 0"):
+        build_config({**base, "resume_step": -1})
+    assert build_config({**base, "save_interval": 3}).save_steps == 3
+    with pytest.raises(ConfigError, match=r"`use_lora`: true is LoRA fine-tuning"):
+        train(build_config({**base, "use_lora": True}))
+    with pytest.raises(ConfigError, match=r"`method_enabled`: true is not available under `steadyvla train`"):
+        train(build_config({**base, "method_enabled": True}))
+    with pytest.raises(ConfigError, match=r"`pretrained_checkpoint`: .* is a file .* `is_resume: false`"):
+        weights = tmp_path / "w.safetensors"
+        weights.write_bytes(b"x")
+        train(build_config({**base, "pretrained_checkpoint": str(weights), "is_resume": True}))
+    assert not (tmp_path / "full").exists()

@@ -14,12 +14,18 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.state_dict import (
     get_model_state_dict, get_state_dict, set_model_state_dict, set_state_dict,
 )
 
 from steadyvla.checkpoint.layout import DCP_DIR, DCP_MODEL_KEY, DCP_OPTIM_KEY
+
+
+def _single_process() -> bool:
+    """One process without a process group: DCP reads and writes alone (said, not warned about)."""
+    return not (dist.is_available() and dist.is_initialized())
 
 
 def model_optim_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
@@ -30,25 +36,26 @@ def model_optim_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer) 
 
 def save_model_optim(state: dict[str, Any], ckpt_dir: Path, process_group=None) -> None:
     """Blocking DCP save into `ckpt_dir/model_optim` (collective: every rank calls it)."""
-    dcp.save(state, checkpoint_id=str(ckpt_dir / DCP_DIR), process_group=process_group)
+    dcp.save(state, checkpoint_id=str(ckpt_dir / DCP_DIR), process_group=process_group, no_dist=_single_process())
 
 
 def async_save_model_optim(state: dict[str, Any], ckpt_dir: Path, process_group=None) -> Future:
     """DCP async save: stages to CPU memory now, writes on a background thread (collective)."""
-    return dcp.async_save(state, checkpoint_id=str(ckpt_dir / DCP_DIR), process_group=process_group)
+    return dcp.async_save(state, checkpoint_id=str(ckpt_dir / DCP_DIR), process_group=process_group,
+                          no_dist=_single_process())
 
 
 def load_model_optim(model: torch.nn.Module, optimizer: torch.optim.Optimizer, ckpt_dir: Path) -> None:
     """Load model and optimizer from `ckpt_dir/model_optim`, resharded onto this job's layout."""
     state = model_optim_state(model, optimizer)
-    dcp.load(state, checkpoint_id=str(ckpt_dir / DCP_DIR))
+    dcp.load(state, checkpoint_id=str(ckpt_dir / DCP_DIR), no_dist=_single_process())
     set_state_dict(model, optimizer, model_state_dict=state[DCP_MODEL_KEY], optim_state_dict=state[DCP_OPTIM_KEY])
 
 
 def load_model_only(model: torch.nn.Module, ckpt_dir: Path) -> None:
     """Initialise the model's weights from a full-training checkpoint (its optimizer is not read)."""
     state = {DCP_MODEL_KEY: get_model_state_dict(model)}
-    dcp.load(state, checkpoint_id=str(ckpt_dir / DCP_DIR))
+    dcp.load(state, checkpoint_id=str(ckpt_dir / DCP_DIR), no_dist=_single_process())
     set_model_state_dict(model, state[DCP_MODEL_KEY])
 
 

@@ -116,6 +116,6 @@ def _run(start: Start, init: WeightsInit) -> LoopResult:
     result = train_on_data(start, state, train_model, checkpointer, tokenizer, spec, action_tokenizer)
     result.model = model
     if not result.preempted:
-        log(f"done: {result.final_step} steps; sharded model + optimizer + state in {start.run_dir}/checkpoints, "
+        log(f"done: {result.final_step} steps; model + optimizer (DCP) + trainer state in {start.run_dir}/checkpoints, "
             f"metrics in {start.run_dir}/metrics.jsonl")
     return result
