@@ -183,10 +183,27 @@ def test_full_training_keys_are_validated_with_the_field_named(synthetic_root, t
     assert build_config({**base, "save_interval": 3}).save_steps == 3
     with pytest.raises(ConfigError, match=r"`use_lora`: true is LoRA fine-tuning"):
         train(build_config({**base, "use_lora": True}))
-    with pytest.raises(ConfigError, match=r"`method_enabled`: true is not available under `steadyvla train`"):
-        train(build_config({**base, "method_enabled": True}))
     with pytest.raises(ConfigError, match=r"`pretrained_checkpoint`: .* is a file .* `is_resume: false`"):
         weights = tmp_path / "w.safetensors"
         weights.write_bytes(b"x")
         train(build_config({**base, "pretrained_checkpoint": str(weights), "is_resume": True}))
     assert not (tmp_path / "full").exists()
+
+
+def test_method_on_the_fsdp_sharded_model_resumes_bit_exact(synthetic_root, tmp_path):
+    method = dict(method_enabled=True, probe_size=16, probe_batch_size=4, icsm_rank=8, icsm_sensitivity_samples=8,
+                  thermostat_warmup_steps=1, thermostat_update_interval=1, thermostat_k_beta=50.0,
+                  thermostat_k_gamma=100.0, thermostat_base_scale=0.0, icms_artifact_dir=str(tmp_path / "icsm"))
+    reference = values_for(synthetic_root, tmp_path / "ref", max_steps=4, **method)
+    ok(train_run(2, reference))
+    ref_dir = run_dir_for(build_config(reference))
+    values = {**reference, "run_root_dir": str(tmp_path / "runs")}
+    assert train_run(2, values, {FAULT_ENV: "mid_save@4"}).returncode != 0
+    ok(train_run(2, values))
+    run_dir = run_dir_for(build_config(values))
+    rows = metrics_lines(run_dir)
+    assert rows == metrics_lines(ref_dir)  # loss, drift, beta/gamma trajectory, HSW norms
+    assert len({r["hsw_beta"] for r in rows}) > 1 and all(r["hsw_g_norm"] > 0 for r in rows)
+    assert_bitwise_equal(dcp_tensors(checkpoint_at(run_dir, 4)), dcp_tensors(checkpoint_at(ref_dir, 4)))
+    state = json.loads((checkpoint_at(run_dir, 4) / TRAINER_STATE_JSON).read_text())
+    assert state["method"]["method"]["last_drift"] == rows[-1]["drift_d"] and state["method"]["method"]["thermostat"]

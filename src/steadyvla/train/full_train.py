@@ -14,6 +14,8 @@ from steadyvla.data.sampler import DataPosition
 from steadyvla.distributed import DistEnv
 from steadyvla.model.build import action_tokenizer_for, build_vla, load_tokenizer, model_spec, openvla_source
 from steadyvla.parallel import freeze_parts, parallelize
+from steadyvla.hooks import TrainHook
+from steadyvla.train.checkpointing import TrainState
 from steadyvla.train.full_checkpointing import FullCheckpointer, load_full_checkpoint
 from steadyvla.train.init_source import WeightsInit, check_resume_position, resume_config, weights_init
 from steadyvla.train.loop import LoopResult
@@ -31,9 +33,6 @@ def train(cfg: RunConfig, log: Callable[[str], None] = say) -> LoopResult:
     if cfg.use_lora:
         raise ConfigError("config field `use_lora`: true is LoRA fine-tuning (`steadyvla finetune`); full training "
                           "needs `use_lora: false`")
-    if cfg.method_enabled:
-        raise ConfigError("config field `method_enabled`: true is not available under `steadyvla train` yet (the "
-                          "method's hooks are not wired to the sharded model); use it with `steadyvla finetune`")
     return run_guarded(cfg, lambda env, rank_log, preemption: _train_full(cfg, env, rank_log, preemption), log)
 
 
@@ -88,9 +87,13 @@ def _run(start: Start, init: WeightsInit) -> LoopResult:
     train_model = parallelize(model, cfg, env)
     optimizer = build_full_optimizer(model, cfg)
     scheduler = build_scheduler(optimizer, cfg)
-    from steadyvla.train.checkpointing import TrainState
+    hooks: list[TrainHook] = []
+    if cfg.method_enabled:  # HSW hooks on the (sharded) decoder layers; probe forwards on every FSDP rank
+        from steadyvla.method.hook import MethodHook
 
-    state = TrainState(model, optimizer, scheduler, DataPosition())
+        hooks.append(MethodHook(cfg, model, tokenizer, start.artifacts, start.probe, env.device,
+                                sharded=env.distributed and cfg.strategy == "fsdp"))
+    state = TrainState(model, optimizer, scheduler, DataPosition(), hooks=hooks)
     if not fresh:
         load_full_checkpoint(state, plan.checkpoint, rank=env.rank, log=say)
         if plan.rewind_mark is not None and plan.rewind_mark not in state.rewinds:
