@@ -89,6 +89,7 @@ def test_negative_layer_ids_count_from_the_end():
 
 def test_training_prompt_is_openvlas_whatever_prompt_template_says(make_config, monkeypatch):
     import steadyvla.train.finetune as finetune_module
+    import steadyvla.train.setup as setup_module
 
     seen = []
 
@@ -99,7 +100,7 @@ def test_training_prompt_is_openvlas_whatever_prompt_template_says(make_config, 
         seen.append(prompt_builder.template)
         raise Stop
 
-    monkeypatch.setattr(finetune_module, "VLADataset", capture)
+    monkeypatch.setattr(setup_module, "VLADataset", capture)
     with pytest.raises(Stop):
         finetune_module.finetune(make_config(prompt_template="In: {instruction}\nOut:"), log=lambda m: None)
     assert seen == [DEFAULT_PROMPT_TEMPLATE]

@@ -1,4 +1,4 @@
-"""`steadyvla <verb>`: finetune, predict, merge, eval, plot, data, ckpt (ls|verify|import-legacy), doctor, memory, launch.
+"""`steadyvla <verb>`: finetune, train, predict, merge, eval, plot, data, ckpt (ls|verify|import-legacy|export), doctor, memory, launch.
 
 Every user error ends with one `error:` line naming the field, the value and what would be valid,
 and exit status 2; nothing on disk is touched before the config and resume target are checked. Any
@@ -22,7 +22,7 @@ from steadyvla.config_compat import translate_icsm_options
 EXIT_FAILURE = 1
 EXIT_USAGE = 2
 DEBUG_FLAG = "--debug"
-VERBS_WITH_OVERRIDES = ("finetune", "doctor", "icsm", "memory")
+VERBS_WITH_OVERRIDES = ("finetune", "train", "doctor", "icsm", "memory")
 
 
 def _config_from(args: argparse.Namespace, extra: list[str]):
@@ -33,6 +33,13 @@ def cmd_finetune(args: argparse.Namespace, extra: list[str]) -> int:
     from steadyvla.train.finetune import finetune
 
     finetune(_config_from(args, extra))
+    return 0
+
+
+def cmd_train(args: argparse.Namespace, extra: list[str]) -> int:
+    from steadyvla.train.full_train import train
+
+    train(_config_from(args, extra))
     return 0
 
 
@@ -165,6 +172,8 @@ def build_parser() -> argparse.ArgumentParser:
                                      epilog=f"{DEBUG_FLAG} (anywhere): print the full traceback of a failure")
     verbs = parser.add_subparsers(dest="verb", required=True)
     for name, helptext in (("finetune", "LoRA fine-tuning (baseline or method); resumes automatically"),
+                           ("train", "full-parameter training (use_lora: false; FSDP2 or DDP under torchrun); "
+                            "resumes automatically"),
                            ("doctor", "pre-resume checklist: what would resume, is it complete, does the config match"),
                            ("memory", "memory preflight: estimated peak GPU and host memory against what is there")):
         p = verbs.add_parser(name, help=helptext, description=f"{helptext}. Any config key can be overridden with "
@@ -230,7 +239,7 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-COMMANDS = {"finetune": cmd_finetune, "predict": cmd_predict, "merge": cmd_merge, "eval": cmd_eval, "plot": cmd_plot, "doctor": cmd_doctor, "icsm": cmd_icsm, "data": cmd_data, "ckpt": cmd_ckpt,
+COMMANDS = {"finetune": cmd_finetune, "train": cmd_train, "predict": cmd_predict, "merge": cmd_merge, "eval": cmd_eval, "plot": cmd_plot, "doctor": cmd_doctor, "icsm": cmd_icsm, "data": cmd_data, "ckpt": cmd_ckpt,
             "memory": cmd_memory}
 
 

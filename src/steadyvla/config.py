@@ -56,6 +56,8 @@ RESUME_CRITICAL_FIELDS: tuple[str, ...] = (
 )
 # Only compared when the dataset is the generated demo: other settings regenerate it in place.
 DEMO_CRITICAL_FIELDS: tuple[str, ...] = ("demo_episodes_per_task", "demo_image_size")
+# Only compared for full training (`use_lora: false`): they change the optimizer's parameters.
+FULL_TRAIN_CRITICAL_FIELDS: tuple[str, ...] = ("train_vision_backbone", "train_projector", "train_llm")
 # Only compared when `method_enabled` is true: a baseline run never reads them.
 METHOD_CRITICAL_FIELDS: tuple[str, ...] = (
     "prompt_template",  # the probe prompt of ICSM and the Thermostat; training's prompt is fixed
@@ -104,6 +106,8 @@ def critical_values(values: dict[str, Any]) -> dict[str, Any]:
         keys += DEMO_CRITICAL_FIELDS
     if values.get("method_enabled"):
         keys += METHOD_CRITICAL_FIELDS
+    if values.get("use_lora") is False:
+        keys += FULL_TRAIN_CRITICAL_FIELDS
     out = {k: values[k] for k in keys if k in values}
     if "lora_alpha" in out and "lora_rank" in out:
         out["lora_alpha"] = resolved_lora_alpha(out["lora_alpha"], out["lora_rank"])
@@ -114,6 +118,8 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "lr_scheduler": ("none", "cosine"),
     "model_preset": ("tiny", "openvla-7b", "vla-1b"),
     "dtype": ("float32", "bfloat16"),
+    "reduce_dtype": ("float32", "bfloat16"),
+    "strategy": ("fsdp", "ddp"),
     "icsm_split": ("ranked", "extremes"),
 }
 
@@ -189,7 +195,14 @@ class RunConfig:
     is_resume: bool = False
     resume_step: int | None = None
     resume_epoch: int | None = None
-    save_interval: int | None = None
+    save_interval: int | None = None  # the users' train.py name for `save_steps` (wins when both are set)
+    strategy: str = "fsdp"  # fsdp (FSDP2 fully_shard per block) | ddp (every rank holds the whole model)
+    reshard_after_forward: bool = True  # FSDP2: true = full shard; false = keep gathered params until backward
+    hsdp_replicate_degree: int = 1  # >1: HSDP, a (replicate, shard) device mesh; must divide the world size
+    reduce_dtype: str = "float32"  # dtype of the gradient reduction (`dtype` is the compute dtype)
+    train_vision_backbone: bool = True  # full training: which parts get gradients (OpenVLA's stages)
+    train_projector: bool = True
+    train_llm: bool = True
     # --- method (ICSM + HSW + Thermostat)
     method_enabled: bool = False
     icms_artifact_dir: str | None = None
@@ -356,6 +369,20 @@ def _validate(cfg: RunConfig) -> None:
         raise ConfigError(f"config field `keep_last_k`: {cfg.keep_last_k} must be >= 1 or null")
     if cfg.resume_global_step is not None and cfg.resume_global_step < 0:
         raise ConfigError(f"config field `resume_global_step`: {cfg.resume_global_step} must be >= 0 or null")
+    for key in ("hsdp_replicate_degree",):
+        if getattr(cfg, key) < 1:
+            raise ConfigError(f"config field `{key}`: {getattr(cfg, key)} must be >= 1")
+    if cfg.hsdp_replicate_degree > 1 and cfg.strategy != "fsdp":
+        raise ConfigError(f"config field `hsdp_replicate_degree`: {cfg.hsdp_replicate_degree} needs `strategy: fsdp` "
+                          f"(got {cfg.strategy!r}); use 1 with ddp")
+    if cfg.save_interval is not None and cfg.save_interval < 1:
+        raise ConfigError(f"config field `save_interval`: {cfg.save_interval} must be >= 1 or null")
+    for key in ("resume_step", "resume_epoch"):
+        if getattr(cfg, key) is not None and getattr(cfg, key) < 0:
+            raise ConfigError(f"config field `{key}`: {getattr(cfg, key)} must be >= 0 or null")
+    if not cfg.use_lora and not (cfg.train_vision_backbone or cfg.train_projector or cfg.train_llm):
+        raise ConfigError("config fields `train_vision_backbone`/`train_projector`/`train_llm`: all false leaves "
+                          "nothing to train; set at least one to true")
     if cfg.resume not in ("auto", "never") and not cfg.resume.strip():
         raise ConfigError("config field `resume`: empty; use auto, never or a checkpoint/run directory")
 
@@ -390,6 +417,8 @@ def build_config(values: dict[str, Any]) -> RunConfig:
         if key not in hints or key == "ignored_keys":
             raise ConfigError(f"unknown config key `{key}`; did you mean `{_closest(key)}`?")
         kwargs[key] = _coerce(key, value, hints[key])
+    if kwargs.get("save_interval") is not None:  # the users' full-training name of the same setting
+        kwargs["save_steps"] = kwargs["save_interval"]
     cfg = RunConfig(**kwargs, ignored_keys=ignored)
     _validate(cfg)
     check_compat(cfg)

@@ -48,6 +48,8 @@ MAPPED_KEYS: dict[str, str] = {
     "early_stopping_enabled": "stops the run once the periodic evaluation's mean success rate over `eval_tasks` "
                               "has not improved by `early_stopping_min_delta` for `early_stopping_patience` "
                               "evaluations in a row (needs `enable_periodic_eval: true`)",
+    "save_interval": "full training's name of `save_steps`: when set, it is the save interval (it wins over "
+                     "`save_steps`)",
     "use_wandb": "logs every metrics.jsonl row to Weights & Biases too (pip extra `wandb`)",
 }
 

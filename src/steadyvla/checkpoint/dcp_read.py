@@ -19,11 +19,11 @@ import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint import FileSystemReader
 from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
-from steadyvla.checkpoint.layout import DCP_DIR
+from steadyvla.checkpoint.layout import DCP_DIR, DCP_MODEL_KEY, DCP_OPTIM_KEY
 
 # Top-level keys of the DCP state dict (the contract shared with the trainer that writes it).
-MODEL_KEY = "model"
-OPTIM_KEY = "optim"
+MODEL_KEY = DCP_MODEL_KEY
+OPTIM_KEY = DCP_OPTIM_KEY
 _MODEL_PREFIX = MODEL_KEY + "."
 
 

@@ -6,7 +6,7 @@ A run dir looks like::
       config.yaml  starts.jsonl  metrics.jsonl  dataset_statistics.json  tb/  run.lock  errors.log
       checkpoints/
         step-000250/                         LoRA run
-        step-000250-epoch-00-loss=2.3456/    full run
+        step-000250-epoch-00-loss=2.3456/    full run (model_optim/ = DCP shards of every rank)
         latest                               name of the newest complete checkpoint
 
 The step in a directory name is only a hint for listing and sorting; the authoritative step is
@@ -37,7 +37,9 @@ TRAINER_STATE_JSON = "trainer_state.json"
 TRAINER_STATE_TENSORS = "trainer_state.safetensors"
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
-DCP_DIR = "model_optim"  # full run: torch.distributed.checkpoint dir of {"model": ..., "optim": ...}
+DCP_DIR = "model_optim"  # full runs: torch.distributed.checkpoint dir of {"model": ..., "optim": ...}
+DCP_MODEL_KEY = "model"
+DCP_OPTIM_KEY = "optim"
 
 # Hidden siblings inside checkpoints/ that only exist while a save or a deletion is under way.
 # A run killed at the wrong moment leaves them behind; the next save cleans them up.

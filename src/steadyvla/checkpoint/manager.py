@@ -102,6 +102,17 @@ class CheckpointManager:
         eval score) are kept on top of the ``keep_last_k`` newest.
         """
         name = dir_name if dir_name is not None else step_dir_name(step)
+        tmp = self.begin(name)
+        try:
+            write_fn(tmp)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        return self.commit(tmp, step, name, keep_steps)
+
+    def begin(self, name: str) -> Path:
+        """Clean up after killed saves and return a fresh temporary dir for checkpoint ``name``
+        (first half of ``save``, for writers that fill it from several processes)."""
         if not name or "/" in name or os.sep in name or name.startswith(".") or name == LATEST_FILE:
             raise ValueError(f"invalid checkpoint dir name {name!r}")
         self.run_dir.mkdir(parents=True, exist_ok=True)
@@ -110,8 +121,13 @@ class CheckpointManager:
             tmp = self.root / f"{TMP_DIR_PREFIX}{name}-{os.getpid()}"
             _remove(tmp)
             tmp.mkdir()
+        return tmp
+
+    def commit(self, tmp: Path, step: int, name: str, keep_steps: Collection[int] = ()) -> Path:
+        """Second half of ``save``: manifest over everything in ``tmp``, fsync, rename to ``name``,
+        ``latest``, retention. On failure ``tmp`` is removed and ``latest`` is untouched."""
+        with self._lock, RunLock.acquire(self.run_dir):
             try:
-                write_fn(tmp)
                 recorded = _read_step(tmp)
                 if recorded is not None and recorded != step:
                     raise CheckpointError(f"save({step}) but {TRAINER_STATE_JSON} records "

@@ -35,12 +35,15 @@ class MethodHook(TrainHook):
     name = "method"
 
     def __init__(self, cfg: RunConfig, model: torch.nn.Module, tokenizer, artifacts: IcsmArtifacts, probe: ProbeSet,
-                 device: torch.device):
+                 device: torch.device, *, sharded: bool = False):
+        """`sharded`: the model is FSDP-sharded (full training), so every rank takes part in the probe
+        forward (its all-gathers need every rank); rank 0's drift is still the one all ranks use."""
         groups = layer_groups(cfg.hsw_layer_ids, len(decoder_layers(model)))
         if groups != artifacts.groups:
             raise ConfigError(f"config field `hsw_layer_ids`: layer groups {groups} differ from the ICSM artifacts' "
                               f"{artifacts.groups}; rebuild them or use another `icms_artifact_dir`")
         self.model = model
+        self.sharded = sharded
         self.device = device
         self.probe = probe
         self.probe_digest = probe.digest()  # the probe set never changes; state_dict runs every step
@@ -65,13 +68,16 @@ class MethodHook(TrainHook):
         self.probe_position = 0
         self.last_drift: float | None = None
 
+    def _vla(self) -> torch.nn.Module:
+        return self.model.get_base_model() if hasattr(self.model, "get_base_model") else self.model
+
     @torch.no_grad()
     def measure_drift(self) -> float:
         """d = ||C_S - C_T||_F on the next probe batch, averaged over representative layers."""
         indices = self.probe.indices_at(self.probe_position, self.probe_batch_size)
         self.probe_position = (self.probe_position + self.probe_batch_size) % len(self.probe)
         batch = encode_probe_batch(self.probe, indices, self.prompt_builder, self.transform,
-                                   self.model.get_base_model().num_patches, self.pad_token_id)
+                                   self._vla().num_patches, self.pad_token_id)
         was_training = self.model.training
         self.model.eval()  # no dropout: the probe must not draw from the training RNG
         try:
@@ -84,7 +90,7 @@ class MethodHook(TrainHook):
         if self.thermostat.should_measure(step):
             # Only rank 0 runs the probe forward; its drift drives every rank, so all ranks hold the
             # same Thermostat state. The others only advance the probe position in step with it.
-            if _is_rank0():
+            if _is_rank0() or self.sharded:
                 drift = self.measure_drift()
             else:
                 drift = float("nan")

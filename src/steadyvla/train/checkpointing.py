@@ -54,6 +54,7 @@ class TrainState:
     metrics_state: dict[str, Any] = field(default_factory=dict)
     hooks: list[TrainHook] = field(default_factory=list)
     rewinds: list[str] = field(default_factory=list)
+    last_metrics: dict[str, float] = field(default_factory=dict)  # the last step's (not saved; names full ckpts)
 
 
 @dataclass
@@ -76,25 +77,39 @@ def take_snapshot(state: TrainState, cfg: RunConfig, env: DistEnv = DistEnv(),
     gets the snapshot (with every rank's RNG), the others None. `inputs` (dataset fingerprint,
     ICSM hash; see run_inputs) is stored so a resume can check them. `adapter_view`: the adapter
     state dict as live views of the parameters (`adapter_views`), to skip walking the model."""
-    all_rng = gather_to_all(snapshot_rng(env.rank), env)
-    if not env.is_main:
+    record = trainer_record(state, cfg, env, inputs)
+    if record is None:
         return None
+    tensors, meta = record
     copies = DeviceCopies(_param_device(state.model))
     with copies:  # adapter and optimizer state: on the side stream, overlapping the next step
         peft_state = adapter_view if adapter_view is not None else _adapter_state(state.model)
         adapter = {k: cpu_copy(v, _adapter_key(k)) for k, v in peft_state.items()}
         optim_tensors, optim_meta = snapshot_optimizer(state.optimizer)
-    tensors = dict(optim_tensors)
+    copies.mark_current_stream()  # hook state was copied on the training stream: hooks may change it next step
+    tensors.update(optim_tensors)
+    meta["optimizer"] = optim_meta
+    keep_steps = frozenset(step for hook in state.hooks for step in hook.protected_steps())
+    adapter_config = copy.deepcopy(state.model.peft_config["default"])
+    return Snapshot(state.global_step, adapter, adapter_config, tensors, meta, keep_steps, copies)
+
+
+def trainer_record(state: TrainState, cfg: RunConfig, env: DistEnv = DistEnv(),
+                   inputs: dict[str, Any] | None = None) -> tuple[dict[str, torch.Tensor], dict[str, Any]] | None:
+    """The trainer state every checkpoint kind holds besides model and optimizer: (RNG of every rank
+    + hook tensors, JSON record of step, epoch, scheduler, data position, metrics, hooks, world size,
+    config, inputs). Collective (the RNG gather); rank 0 gets it, the others None."""
+    all_rng = gather_to_all(snapshot_rng(env.rank), env)
+    if not env.is_main:
+        return None
+    tensors: dict[str, torch.Tensor] = {}
     for rng_tensors, _ in all_rng:
         tensors.update(rng_tensors)
     method_meta: dict[str, Any] = {}
-    keep_steps: set[int] = set()
     for hook in state.hooks:
-        keep_steps |= hook.protected_steps()
         hook_tensors, hook_meta = hook.state_dict()
         tensors.update(snapshot_tensors(f"{METHOD_PREFIX}.{hook.name}", hook_tensors))
         method_meta[hook.name] = hook_meta
-    copies.mark_current_stream()  # hook state was copied on the training stream: hooks may change it next step
     meta = {
         "format_version": STATE_FORMAT_VERSION,
         "global_step": state.global_step,
@@ -102,7 +117,6 @@ def take_snapshot(state: TrainState, cfg: RunConfig, env: DistEnv = DistEnv(),
         "micro_step": 0,  # saves happen only at optimizer-step boundaries
         "data_position": state.data_position.to_dict(),
         "scheduler": state.scheduler.state_dict(),
-        "optimizer": optim_meta,
         "rng": {f"rank{r}": rng_meta for r, (_, rng_meta) in enumerate(all_rng)},
         "metrics": state.metrics_state,
         METHOD_PREFIX: method_meta,
@@ -114,8 +128,7 @@ def take_snapshot(state: TrainState, cfg: RunConfig, env: DistEnv = DistEnv(),
     }
     if inputs is not None:
         meta[INPUTS_KEY] = inputs
-    adapter_config = copy.deepcopy(state.model.peft_config["default"])
-    return Snapshot(state.global_step, adapter, adapter_config, tensors, meta, frozenset(keep_steps), copies)
+    return tensors, meta
 
 
 def _adapter_state(model: PeftModel) -> dict[str, torch.Tensor]:
@@ -178,11 +191,20 @@ def load_into(state: TrainState, ckpt_dir: Path, *, rank: int = 0, log: Callable
         raise RuntimeError(f"{ckpt_dir / ADAPTER_WEIGHTS}: keys the model does not have: {result.unexpected_keys[:5]}")
     tensors = load_file(str(ckpt_dir / TRAINER_STATE_TENSORS))
     restore_optimizer(state.optimizer, tensors, meta["optimizer"])
+    restore_trainer_record(state, meta, tensors, rank=rank, ckpt_name=ckpt_dir.name, log=log)
+    return meta
+
+
+def restore_trainer_record(state: TrainState, meta: dict[str, Any], tensors: dict[str, torch.Tensor], *,
+                           rank: int, ckpt_name: str, log: Callable[[str], None] = print) -> None:
+    """Inverse of `trainer_record` for this rank: scheduler, RNG, hooks, step, data position, metrics.
+
+    A rank the checkpoint has no RNG for (the job grew) keeps the RNG it was seeded with."""
     state.scheduler.load_state_dict(meta["scheduler"])
     if f"rank{rank}" in meta["rng"]:
         restore_rng(rank, tensors, meta["rng"][f"rank{rank}"])
     else:
-        log(f"rank {rank}: checkpoint {ckpt_dir.name} was written by {meta['world_size']} rank(s) and has no RNG "
+        log(f"rank {rank}: checkpoint {ckpt_name} was written by {meta['world_size']} rank(s) and has no RNG "
             "state for this rank; it keeps its seeded RNG (the data order is unaffected)")
     for hook in state.hooks:
         hook.load_state_dict(select_prefix(tensors, f"{METHOD_PREFIX}.{hook.name}"),
@@ -191,7 +213,6 @@ def load_into(state: TrainState, ckpt_dir: Path, *, rank: int = 0, log: Callable
     state.data_position = DataPosition.from_dict(meta["data_position"])
     state.metrics_state = meta.get("metrics", {})
     state.rewinds = list(meta.get(REWINDS_KEY, []))
-    return meta
 
 
 class SaveFailed(RuntimeError):

@@ -26,6 +26,7 @@ from steadyvla.distributed import DistEnv, any_rank, mean_across_ranks
 from steadyvla.memory_estimate import MemoryEstimate
 from steadyvla.memory_runtime import memory_metrics
 from steadyvla.model.action_tokenizer import ActionTokenizer
+from steadyvla.parallel import gradient_sync
 from steadyvla.train.checkpointing import TrainerCheckpointer, TrainState
 from steadyvla.train.fast_paths import fused_enabled
 from steadyvla.train.metrics import CKPT_BLOCKING_S, STEP_TIME_S, MetricsLogger, read_metrics_values
@@ -132,6 +133,7 @@ def run_loop(
             for hook in state.hooks:
                 boundary.update(hook.at_step_boundary(state.global_step))
             metrics.update(boundary)
+            state.last_metrics = metrics  # full-training checkpoint names carry the step's loss
             last = state.global_step == cfg.max_steps
             lines.write_pending(next_started=started)  # the previous step's line, while this step runs
             if boundary or state.global_step % cfg.log_every_steps == 0 or last:

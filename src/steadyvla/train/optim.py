@@ -65,3 +65,23 @@ def rebuild_scheduler(scheduler: LambdaLR, cfg: RunConfig) -> None:
     for group, lr in zip(scheduler.optimizer.param_groups, lrs, strict=True):
         group["lr"] = lr
     scheduler._last_lr = lrs
+
+
+# Parameter names that take no weight decay besides biases and 1-D tensors (norm weights).
+NO_DECAY_NAME_PARTS = ("embed_tokens", "pos_embed", "cls_token", "reg_token", "norm")
+
+
+def decays(name: str, param: torch.nn.Parameter) -> bool:
+    """Weight decay on matrices only: not on biases, norms or embeddings."""
+    return param.ndim >= 2 and not name.endswith(".bias") and not any(part in name for part in NO_DECAY_NAME_PARTS)
+
+
+def build_full_optimizer(model: torch.nn.Module, cfg: RunConfig) -> torch.optim.AdamW:
+    """AdamW over the trainable parameters (call after sharding: FSDP2 replaces them) in two groups:
+    `weight_decay` for matrices, none for biases, norms and embeddings; named order, stable state keys."""
+    named = sorted(((n, p) for n, p in model.named_parameters() if p.requires_grad), key=lambda kv: kv[0])
+    if not named:
+        raise ValueError("model has no trainable parameters (train_vision_backbone/projector/llm all false?)")
+    groups = [{"params": [p for n, p in named if decays(n, p)], "weight_decay": cfg.weight_decay},
+              {"params": [p for n, p in named if not decays(n, p)], "weight_decay": 0.0}]
+    return torch.optim.AdamW([g for g in groups if g["params"]], lr=cfg.learning_rate, foreach=False)

@@ -185,14 +185,26 @@ def check_resume_step(cfg: RunConfig, plan: ResumePlan) -> None:
     )
 
 
-def config_changes(cfg: RunConfig, plan: ResumePlan) -> dict[str, Any]:
-    """Fields that differ from the checkpoint's config: resume-critical ones raise, others are returned."""
+BATCH_SHAPE_FIELDS = ("batch_size", "grad_accumulation_steps")
+
+
+def config_changes(cfg: RunConfig, plan: ResumePlan, world_size: int | None = None) -> dict[str, Any]:
+    """Fields that differ from the checkpoint's config: resume-critical ones raise, others are returned.
+
+    With `world_size` given and different from the checkpoint's, `batch_size` and
+    `grad_accumulation_steps` may change as long as the global batch (their product x world size)
+    stays the same: the run then continues with the same samples in every optimizer step."""
     if plan.checkpoint is None:
         return {}
     stored = plan.state.get("config", {})
     current = cfg.to_dict()
     was, now = critical_values(stored), critical_values(current)
     critical = [k for k in now if k in was and was[k] != now[k]]
+    stored_world = int(plan.state.get("world_size", 1))
+    if world_size is not None and world_size != stored_world and all(k in stored for k in BATCH_SHAPE_FIELDS):
+        global_was = stored["batch_size"] * stored["grad_accumulation_steps"] * stored_world
+        if global_was == cfg.batch_size * cfg.grad_accumulation_steps * world_size:
+            critical = [k for k in critical if k not in BATCH_SHAPE_FIELDS]
     if critical:
         details = "; ".join(f"`{k}`: checkpoint {was[k]!r}, now {now[k]!r}" for k in critical)
         raise ConfigError(

@@ -7,7 +7,6 @@ them on CUDA), metrics stay device tensors, gradient clipping keeps its norm on 
 
 from __future__ import annotations
 
-import contextlib
 from typing import Callable, Iterator
 
 import torch
@@ -17,6 +16,7 @@ from steadyvla.data.sampler import ResumableBatchSampler
 from steadyvla.distributed import DistEnv
 from steadyvla.faults import fault_point
 from steadyvla.model.action_tokenizer import ActionTokenizer
+from steadyvla.parallel import gradient_sync
 from steadyvla.train.checkpointing import TrainState
 from steadyvla.train.metrics import action_metrics, mean_metrics
 
@@ -43,8 +43,8 @@ def accumulate_gradients(cfg: RunConfig, state: TrainState, batches: Iterator[di
         state.data_position = sampler.advance(state.data_position)
         inputs = to_device(batch, env.device)
         last = i == cfg.grad_accumulation_steps - 1
-        # DDP all-reduces gradients only on the last micro-batch of the step
-        with contextlib.nullcontext() if last or not env.distributed else train_model.no_sync():
+        # DDP / FSDP reduce gradients only on the last micro-batch of the step
+        with gradient_sync(train_model, last or not env.distributed):
             output = train_model(**inputs)
             (output.loss / cfg.grad_accumulation_steps).backward()
         fault_point("backward", step + 1)  # tests: a gradient is partly accumulated here
