@@ -102,6 +102,8 @@ def run_reference(preset: str, tokenizer_path: str | None, batch_size: int, warm
                   save_repeats: int, work_dir: Path, seed: int = 7) -> dict:
     """Train `warmup + steps` steps on a fixed batch, then save and load the OpenVLA way; the numbers."""
     dev = torch.device(device)
+    if dev.type == "cuda" and dev.index is None:
+        dev = torch.device("cuda", torch.cuda.current_device())  # set_device needs an index
     backend = "nccl" if dev.type == "cuda" else "gloo"
     if dev.type == "cuda":
         torch.cuda.set_device(dev)
