@@ -9,7 +9,7 @@ import pytest
 import torch
 import torch.distributed.checkpoint as dcp
 import torch.distributed.checkpoint.filesystem as dcp_filesystem
-from torch.distributed.checkpoint import CheckpointException, FileSystemWriter
+from torch.distributed.checkpoint import CheckpointException, FileSystemReader, FileSystemWriter
 from torch.distributed.checkpoint.metadata import Metadata
 from torch.distributed.checkpoint.state_dict_loader import _load_state_dict_from_keys
 
@@ -73,9 +73,14 @@ def no_pickle(monkeypatch):
     """Any pickle load, through torch's DCP module or the builtin module, fails the test."""
     def refuse(*args, **kwargs):
         raise AssertionError("pickle was used to load")
-    for name in ("load", "loads", "Unpickler"):
-        monkeypatch.setattr(pickle, name, refuse)
-        monkeypatch.setattr(dcp_filesystem.pickle, name, refuse)
+
+    class RefusingUnpickler:  # torch.load(weights_only=False) subclasses pickle.Unpickler
+        __init__ = refuse
+
+    for module in (pickle, dcp_filesystem.pickle):
+        monkeypatch.setattr(module, "load", refuse)
+        monkeypatch.setattr(module, "loads", refuse)
+        monkeypatch.setattr(module, "Unpickler", RefusingUnpickler)
 
 
 class RecordingWriter(JsonMetadataWriter):
@@ -86,7 +91,22 @@ class RecordingWriter(JsonMetadataWriter):
         self.written = metadata
 
 
-def test_round_trip_bitwise_json_no_pickle(tmp_path, monkeypatch):
+def test_guard_catches_torch_own_reader(tmp_path, no_pickle):
+    """The no_pickle guard is real: torch's stock reader trips it (metadata and param_groups)."""
+    dcp.save(saved_state(), storage_writer=FileSystemWriter(tmp_path), no_dist=True)
+    with pytest.raises(CheckpointException, match="pickle was used to load"):
+        dcp.load(allocated_state(), checkpoint_id=str(tmp_path), no_dist=True)
+
+    class JsonMetadataOnly(JsonMetadataReader):  # JSON metadata, but torch's bytes loading
+        read_data = FileSystemReader.read_data
+
+    json_dir = tmp_path / "json"
+    dcp.save(saved_state(), storage_writer=JsonMetadataWriter(json_dir), no_dist=True)
+    with pytest.raises(CheckpointException, match="pickle was used to load"):
+        dcp.load(allocated_state(), storage_reader=JsonMetadataOnly(json_dir), no_dist=True)
+
+
+def test_round_trip_bitwise_json_no_pickle(tmp_path, no_pickle):
     writer = RecordingWriter(tmp_path)
     dcp.save(saved_state(), storage_writer=writer, no_dist=True)
 
@@ -97,12 +117,6 @@ def test_round_trip_bitwise_json_no_pickle(tmp_path, monkeypatch):
     doc = json.loads(raw)
     assert doc["format"] == "steadyvla-dcp-metadata"
     assert dict(doc["state_dict_metadata"])["model.wbf16"]["properties"]["dtype"] == "bfloat16"
-
-    def refuse(*args, **kwargs):
-        raise AssertionError("pickle was used to load")
-    for name in ("load", "loads", "Unpickler"):
-        monkeypatch.setattr(pickle, name, refuse)
-        monkeypatch.setattr(dcp_filesystem.pickle, name, refuse)
 
     metadata = JsonMetadataReader(str(tmp_path)).read_metadata()
     assert metadata.storage_meta.load_id is not None
