@@ -93,6 +93,13 @@ def _ints(values: Any, where: str) -> list[int]:
     return out
 
 
+def _strs(values: Any, where: str) -> list[str]:
+    out = list(values)
+    if not all(type(v) is str for v in out):
+        raise DcpMetadataError(f"{where}: expected a list of str, got {values!r}")
+    return out
+
+
 def encode_value(value: Any, where: str) -> Any:
     """A plain Python value as JSON: lists stay arrays, anything else that JSON would blur is tagged."""
     if value is None or type(value) in (bool, int, str):
@@ -192,7 +199,7 @@ def _encode_storage_data(storage_data: Any) -> Any:
             "index": {"fqn": index.fqn, "offset": None if index.offset is None else _ints(index.offset, where),
                       "index": index.index},
             "info": {"relative_path": info.relative_path, "offset": info.offset, "length": info.length,
-                     "transform_descriptors": None if descriptors is None else [str(d) for d in descriptors]},
+                     "transform_descriptors": None if descriptors is None else _strs(descriptors, where)},
         })
     return entries
 
@@ -225,7 +232,7 @@ def metadata_to_json(md: Metadata) -> dict[str, Any]:
         "storage_data": _encode_storage_data(md.storage_data),
         "storage_meta": None if sm is None else {
             "checkpoint_id": _encode_path_like(sm.checkpoint_id, "storage_meta.checkpoint_id"),
-            "save_id": sm.save_id, "load_id": sm.load_id, "modules": [str(m) for m in sm.modules]},
+            "save_id": sm.save_id, "load_id": sm.load_id, "modules": _strs(sm.modules, "storage_meta.modules")},
     }
 
 
