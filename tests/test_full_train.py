@@ -12,6 +12,7 @@ import torch
 from torch.distributed.checkpoint.state_dict_loader import _load_state_dict_from_keys
 
 from helpers import assert_bitwise_equal, cli_env, config_args, metrics_lines
+from steadyvla.checkpoint.dcp_storage import JsonMetadataReader
 from steadyvla.checkpoint.layout import CHECKPOINTS_DIR, DCP_DIR, STARTS_JSONL, TRAINER_STATE_JSON
 from steadyvla.checkpoint.manager import CheckpointManager
 from steadyvla.config import ConfigError, build_config
@@ -51,7 +52,7 @@ def checkpoint_at(run_dir: Path, step: int) -> Path:
 
 def dcp_tensors(ckpt: Path) -> dict[str, torch.Tensor]:
     """Every tensor of a full checkpoint's DCP state (model + optimizer), gathered into one process."""
-    state = _load_state_dict_from_keys(checkpoint_id=str(ckpt / DCP_DIR))
+    state = _load_state_dict_from_keys(storage_reader=JsonMetadataReader(ckpt / DCP_DIR))
     out = {f"model/{k}": v for k, v in state["model"].items()}
     for param, entry in state["optim"]["state"].items():
         out.update({f"optim/{param}/{k}": v for k, v in entry.items() if isinstance(v, torch.Tensor)})

@@ -1,6 +1,7 @@
 """Model + optimizer of full training through torch.distributed.checkpoint (DCP).
 
-Every rank writes its own shards into `<checkpoint>/model_optim/` (`.metadata` + `*.distcp`); the
+Every rank writes its own shards into `<checkpoint>/model_optim/` (`.metadata.json` + `*.distcp`:
+the metadata is JSON, never pickle, through dcp_storage.py's writer and reader); the
 state dict is `{"model": ..., "optim": ...}` from `get_state_dict`, so model keys are the plain
 VLA's `state_dict()` keys whatever the sharding, and a checkpoint written by W ranks loads on W'
 (DCP reshards). The trainer state JSON / safetensors and the manifest around it are written by
@@ -20,6 +21,7 @@ from torch.distributed.checkpoint.state_dict import (
     get_model_state_dict, get_state_dict, set_model_state_dict, set_state_dict,
 )
 
+from steadyvla.checkpoint.dcp_storage import JsonMetadataReader, JsonMetadataWriter
 from steadyvla.checkpoint.layout import DCP_DIR, DCP_MODEL_KEY, DCP_OPTIM_KEY
 
 
@@ -36,26 +38,27 @@ def model_optim_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer) 
 
 def save_model_optim(state: dict[str, Any], ckpt_dir: Path, process_group=None) -> None:
     """Blocking DCP save into `ckpt_dir/model_optim` (collective: every rank calls it)."""
-    dcp.save(state, checkpoint_id=str(ckpt_dir / DCP_DIR), process_group=process_group, no_dist=_single_process())
+    dcp.save(state, storage_writer=JsonMetadataWriter(ckpt_dir / DCP_DIR), process_group=process_group,
+             no_dist=_single_process())
 
 
 def async_save_model_optim(state: dict[str, Any], ckpt_dir: Path, process_group=None) -> Future:
     """DCP async save: stages to CPU memory now, writes on a background thread (collective)."""
-    return dcp.async_save(state, checkpoint_id=str(ckpt_dir / DCP_DIR), process_group=process_group,
+    return dcp.async_save(state, storage_writer=JsonMetadataWriter(ckpt_dir / DCP_DIR), process_group=process_group,
                           no_dist=_single_process())
 
 
 def load_model_optim(model: torch.nn.Module, optimizer: torch.optim.Optimizer, ckpt_dir: Path) -> None:
     """Load model and optimizer from `ckpt_dir/model_optim`, resharded onto this job's layout."""
     state = model_optim_state(model, optimizer)
-    dcp.load(state, checkpoint_id=str(ckpt_dir / DCP_DIR), no_dist=_single_process())
+    dcp.load(state, storage_reader=JsonMetadataReader(ckpt_dir / DCP_DIR), no_dist=_single_process())
     set_state_dict(model, optimizer, model_state_dict=state[DCP_MODEL_KEY], optim_state_dict=state[DCP_OPTIM_KEY])
 
 
 def load_model_only(model: torch.nn.Module, ckpt_dir: Path) -> None:
     """Initialise the model's weights from a full-training checkpoint (its optimizer is not read)."""
     state = {DCP_MODEL_KEY: get_model_state_dict(model)}
-    dcp.load(state, checkpoint_id=str(ckpt_dir / DCP_DIR), no_dist=_single_process())
+    dcp.load(state, storage_reader=JsonMetadataReader(ckpt_dir / DCP_DIR), no_dist=_single_process())
     set_model_state_dict(model, state[DCP_MODEL_KEY])
 
 
