@@ -12,14 +12,13 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
-import torch.distributed.checkpoint as dcp
 from safetensors.torch import save_file
 from timm.models.vision_transformer import Block
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, get_state_dict
 from torch.distributed.fsdp import fully_shard
 from transformers.models.llama.modeling_llama import LlamaDecoderLayer
 
-from steadyvla.checkpoint.layout import DCP_DIR
+from steadyvla.checkpoint.dcp_io import save_model_optim
 from steadyvla.config import build_config
 from steadyvla.model.build import build_vla, load_tokenizer
 
@@ -39,7 +38,7 @@ def main(out: Path, seed: int) -> None:
     model(**batch).loss.backward()
     optimizer.step()
     model_sd, optim_sd = get_state_dict(model, optimizer)
-    dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=str(out / DCP_DIR))
+    save_model_optim({"model": model_sd, "optim": optim_sd}, out)  # as the trainer writes it
     full = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
     if dist.get_rank() == 0:
         save_file({k: v.contiguous() for k, v in full.items()}, str(out / "expected.safetensors"))

@@ -11,11 +11,11 @@ import json
 
 import pytest
 import torch
-import torch.distributed.checkpoint as dcp
 from safetensors.torch import save_file
 from torch.distributed.checkpoint.state_dict import get_state_dict
 
 from helpers import tree_digest
+from steadyvla.checkpoint.dcp_io import save_model_optim
 from steadyvla.checkpoint.layout import DCP_DIR, TRAINER_STATE_JSON, TRAINER_STATE_TENSORS, step_dir_name
 from steadyvla.checkpoint.manager import CheckpointManager
 from steadyvla.checkpoint.state import snapshot_rng
@@ -42,7 +42,7 @@ def write_full_checkpoint(run_dir, model, cfg, step: int, epoch: int, loss: floa
     model_sd, optim_sd = get_state_dict(model, optimizer)
 
     def write(tmp):
-        dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=str(tmp / DCP_DIR), no_dist=True)
+        save_model_optim({"model": model_sd, "optim": optim_sd}, tmp)  # as the trainer writes it
         rng_tensors, rng_meta = snapshot_rng(0)
         save_file(rng_tensors, str(tmp / TRAINER_STATE_TENSORS), metadata={"format": "pt"})
         meta = {"global_step": step, "epoch": epoch, "rng": {"rank0": rng_meta}, "world_size": 1,

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 import torch.distributed.checkpoint as dcp
-from torch.distributed.checkpoint import FileSystemReader
+from steadyvla.checkpoint.dcp_storage import JsonMetadataReader
 from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
 from steadyvla.checkpoint.layout import DCP_DIR, DCP_MODEL_KEY, DCP_OPTIM_KEY
@@ -61,7 +61,7 @@ def model_entries(path: Path) -> dict[str, TensorEntry]:
     Reads only DCP's ``.metadata``. Names are the unwrapped VLA's state-dict keys.
     """
     try:
-        metadata = FileSystemReader(str(path)).read_metadata()
+        metadata = JsonMetadataReader(str(path)).read_metadata()
     except Exception as err:  # noqa: BLE001 - any unreadable metadata is one message naming the dir
         raise DCPReadError(f"{path}: unreadable DCP metadata ({type(err).__name__}: {err})") from err
     entries: dict[str, TensorEntry] = {}
@@ -90,7 +90,7 @@ def load_model_tensors(path: Path, entries: dict[str, TensorEntry]) -> dict[str,
         # "torch.distributed is ... uninitialized, assuming the intent is to load in a single process": yes
         warnings.filterwarnings("ignore", message=".*assuming the intent is to load in a single process.*")
         try:
-            dcp.load({MODEL_KEY: tensors}, storage_reader=FileSystemReader(str(path)), no_dist=True)
+            dcp.load({MODEL_KEY: tensors}, storage_reader=JsonMetadataReader(str(path)), no_dist=True)
         except Exception as err:  # noqa: BLE001 - truncated chunk files etc.: name the dir
             raise DCPReadError(f"{path}: reading model tensors failed ({type(err).__name__}: {err})") from err
     return tensors
