@@ -42,6 +42,12 @@ def tiny_tokenizer_dir() -> Path:
 
 _TINY_VIT = dict(img_size=56, depth=3, embed_dim=48, num_heads=2, mlp_ratio=2.0)
 
+# OpenVLA's two towers at 224 px (DINOv2 ViT-L/14 + SigLIP SO400M/14), shared by openvla-7b and vla-1b
+OPENVLA_TOWERS = (
+    TowerSpec("vit_large_patch14_reg4_dinov2.lvd142m", DINOV2_MEAN, DINOV2_STD, dict(img_size=224)),
+    TowerSpec("vit_so400m_patch14_siglip_224", SIGLIP_MEAN, SIGLIP_STD, dict(img_size=224)),
+)
+
 PRESETS: dict[str, VLAPreset] = {
     "tiny": VLAPreset(
         name="tiny",
@@ -61,10 +67,7 @@ PRESETS: dict[str, VLAPreset] = {
     "openvla-7b": VLAPreset(
         name="openvla-7b",
         image_size=224,
-        towers=(
-            TowerSpec("vit_large_patch14_reg4_dinov2.lvd142m", DINOV2_MEAN, DINOV2_STD, dict(img_size=224)),
-            TowerSpec("vit_so400m_patch14_siglip_224", SIGLIP_MEAN, SIGLIP_STD, dict(img_size=224)),
-        ),
+        towers=OPENVLA_TOWERS,
         llm=dict(
             hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32,
             num_key_value_heads=32, max_position_embeddings=2048, rms_norm_eps=1e-6,
@@ -78,10 +81,7 @@ PRESETS: dict[str, VLAPreset] = {
     "vla-1b": VLAPreset(
         name="vla-1b",
         image_size=224,
-        towers=(
-            TowerSpec("vit_large_patch14_reg4_dinov2.lvd142m", DINOV2_MEAN, DINOV2_STD, dict(img_size=224)),
-            TowerSpec("vit_so400m_patch14_siglip_224", SIGLIP_MEAN, SIGLIP_STD, dict(img_size=224)),
-        ),
+        towers=OPENVLA_TOWERS,
         llm=dict(
             hidden_size=2048, intermediate_size=5632, num_hidden_layers=18, num_attention_heads=16,
             num_key_value_heads=16, max_position_embeddings=2048, rms_norm_eps=1e-6,

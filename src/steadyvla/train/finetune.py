@@ -12,17 +12,16 @@ from steadyvla.distributed import DistEnv, wrap_data_parallel
 from steadyvla.eval.periodic import PeriodicEvalHook
 from steadyvla.hooks import TrainHook
 from steadyvla.memory_report import Preflight, enforce, preflight_for
-from steadyvla.model.build import action_tokenizer_for, build_vla, load_tokenizer, model_spec, openvla_source, wrap_lora
+from steadyvla.model.build import action_tokenizer_for, build_vla, load_tokenizer, model_spec, wrap_lora
 from steadyvla.data.sampler import DataPosition
 from steadyvla.train.checkpointing import TrainerCheckpointer, TrainState, load_into
 from steadyvla.train.fast_paths import apply_fast_paths, fused_enabled
 from steadyvla.train.loop import LoopResult
 from steadyvla.train.optim import build_optimizer, build_scheduler, rebuild_scheduler
 from steadyvla.train.resume import ResumePlan, config_changes, plan_resume
-from steadyvla.train.run_dir import run_dir_for
 from steadyvla.train.setup import (  # noqa: F401 - re-exported: cli, doctor, import_legacy and tests use them here
     SCHEDULE_REBUILT_RECORD, USER_ERRORS, RunDirLock, Start, action_statistics, open_training_data,
-    record_checked_start, run_guarded, say, seed_everything, train_on_data, unavailable_settings,
+    prepare_start, record_checked_start, run_guarded, say, seed_everything, train_on_data, unavailable_settings,
 )
 from steadyvla.train.signals import PreemptionFlag
 
@@ -51,11 +50,7 @@ def preflight(cfg: RunConfig, env: DistEnv, log: Callable[[str], None]) -> Prefl
 
 
 def _finetune(cfg: RunConfig, env: DistEnv, log: Callable[[str], None], preemption: PreemptionFlag) -> LoopResult:
-    run_dir = run_dir_for(cfg)
-    if cfg.vla_path:  # a bad checkpoint dir fails here, before anything is written
-        openvla_source(cfg)
-    for note in unavailable_settings(cfg):
-        log(note)
+    run_dir = prepare_start(cfg, log)
     with RunDirLock(run_dir, env) as lock:
         plan: ResumePlan = plan_resume(cfg, run_dir, log)  # may raise before anything is written
         changes = config_changes(cfg, plan, env.world_size)

@@ -12,7 +12,7 @@ from safetensors.torch import load_file
 from steadyvla.config import ConfigError, RunConfig
 from steadyvla.data.sampler import DataPosition
 from steadyvla.distributed import DistEnv
-from steadyvla.model.build import action_tokenizer_for, build_vla, load_tokenizer, model_spec, openvla_source
+from steadyvla.model.build import action_tokenizer_for, build_vla, load_tokenizer, model_spec
 from steadyvla.parallel import freeze_parts, parallelize
 from steadyvla.hooks import TrainHook
 from steadyvla.train.checkpointing import TrainState
@@ -21,9 +21,8 @@ from steadyvla.train.init_source import WeightsInit, check_resume_position, resu
 from steadyvla.train.loop import LoopResult
 from steadyvla.train.optim import build_full_optimizer, build_scheduler, rebuild_scheduler
 from steadyvla.train.resume import config_changes, plan_resume
-from steadyvla.train.run_dir import run_dir_for
 from steadyvla.train.setup import (
-    RunDirLock, Start, record_checked_start, run_guarded, say, seed_everything, train_on_data, unavailable_settings,
+    RunDirLock, Start, prepare_start, record_checked_start, run_guarded, say, seed_everything, train_on_data,
 )
 from steadyvla.train.signals import PreemptionFlag
 
@@ -37,11 +36,7 @@ def train(cfg: RunConfig, log: Callable[[str], None] = say) -> LoopResult:
 
 
 def _train_full(cfg: RunConfig, env: DistEnv, log: Callable[[str], None], preemption: PreemptionFlag) -> LoopResult:
-    run_dir = run_dir_for(cfg)
-    if cfg.vla_path:  # a bad checkpoint dir fails here, before anything is written
-        openvla_source(cfg)
-    for note in unavailable_settings(cfg):
-        log(note)
+    run_dir = prepare_start(cfg, log)
     init = weights_init(cfg, log)
     with RunDirLock(run_dir, env) as lock:
         plan = plan_resume(resume_config(cfg), run_dir, log)  # may raise before anything is written

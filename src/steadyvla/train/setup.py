@@ -101,6 +101,18 @@ def unavailable_settings(cfg: RunConfig) -> list[str]:
     return notes
 
 
+def prepare_start(cfg: RunConfig, log: Log) -> Path:
+    """Checks and notes every start makes before touching the run dir: a bad `vla_path` fails here,
+    before anything is written; settings that do nothing are announced. Returns the run dir."""
+    if cfg.vla_path:
+        from steadyvla.model.build import openvla_source
+
+        openvla_source(cfg)
+    for note in unavailable_settings(cfg):
+        log(note)
+    return run_dir_for(cfg)
+
+
 def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed)
