@@ -18,6 +18,7 @@ def _hook_with_fake_probe(rank: int) -> tuple[MethodHook, list[int]]:
     hook = MethodHook.__new__(MethodHook)
     hook.thermostat = Thermostat(ThermostatSettings(update_interval=1, warmup_steps=2, k_beta=1.0, k_gamma=1.0))
     hook.hsw = SimpleNamespace(beta=1.0, gamma=1.0)
+    hook.sharded = False  # LoRA / DDP: the probe forward runs on rank 0 only
     hook.probe, hook.probe_batch_size, hook.probe_position, hook.last_drift = [None] * PROBE_SIZE, PROBE_BATCH, 0, None
     calls: list[int] = []
 
