@@ -2,7 +2,7 @@
 
 torch's `FileSystemWriter` pickles the checkpoint `Metadata` into `.metadata` and its reader
 unpickles it; its default load planner also unpickles the non-tensor entries (optimizer
-`param_groups`, Python numbers) with `torch.load(weights_only=False)`. Checkpoints here are never
+`param_groups`, Python numbers) with a full (pickle) torch load, weights_only off. Checkpoints here are never
 unpickled, so:
 
 - `JsonMetadataWriter` writes the metadata as `.metadata.json` (exact round trip, see
