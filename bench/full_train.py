@@ -13,8 +13,8 @@ One invocation runs, each in its own process (so one arm's GPU memory never coun
   (c) kill -9 inside step --kill-step (STEADYVLA_FAULT=backward@K, the loop's fault point) of a copy
       of the async run, the same command again (resume: auto), and its metrics.jsonl compared line by
       line with the uninterrupted run (timing and memory keys left out).
-(b) and (c) need `steadyvla train`; without it they are skipped with a message. Prints one table and
-writes everything to --out (JSON).
+Prints one table and writes everything to --out (JSON), also after each arm (a run cut off at a time
+limit keeps what it has).
 
     PYTHONPATH=src python bench/full_train.py --device cpu --preset tiny --batch-size 2 --steps 10 --out /tmp/ft.json
     PYTHONPATH=src python bench/full_train.py --preset vla-1b --tokenizer-path DIR_WITH_LLAMA2_TOKENIZER \\
@@ -33,6 +33,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Callable
 
 import torch
 
@@ -42,28 +43,13 @@ REPO = BENCH_DIR.parent
 TIMING_KEYS = ("step_time_s", "ckpt_blocking_s")
 
 
-def train_available() -> str | None:
-    """None when `steadyvla train` exists in this checkout, else why (b) and (c) are skipped."""
-    from steadyvla import cli
-
-    if "train" not in cli.COMMANDS:
-        return ("`steadyvla train` is not in this checkout (issue 11's trainer is on another branch): arms (b) "
-                "steadyvla and (c) kill -9 + resume skipped")
-    return None
-
-
 def volatile_keys() -> set[str]:
     """Keys left out of the line-by-line comparison: timings and memory (as tests/helpers.py does)."""
     from steadyvla.memory_runtime import MEMORY_METRIC_KEYS
 
-    keys = set(MEMORY_METRIC_KEYS) | set(TIMING_KEYS)
-    try:
-        from steadyvla.train.metrics import TIMING_METRIC_KEYS  # issue 14's constant, where it exists
+    from steadyvla.train.metrics import TIMING_METRIC_KEYS
 
-        keys |= set(TIMING_METRIC_KEYS)
-    except ImportError:
-        pass
-    return keys
+    return set(MEMORY_METRIC_KEYS) | set(TIMING_KEYS) | set(TIMING_METRIC_KEYS)
 
 
 # ---------------------------------------------------------------- (b), (c): steadyvla train subprocesses
@@ -172,18 +158,19 @@ def compare_runs(reference: list[dict], resumed: list[dict]) -> dict:
             "bitwise_equal": strip == other, "max_abs_train_loss_diff": max(diffs, default=None)}
 
 
-def steadyvla_arms(args, work: Path) -> dict:
-    """(b) async and sync runs plus a resume, (c) kill -9 + resume vs the uninterrupted async run."""
+def steadyvla_arms(args, work: Path, results: dict, save: Callable[[], None]) -> None:
+    """(b) async and sync runs plus a resume, (c) kill -9 + resume vs the uninterrupted async run;
+    into `results`, `save()`d after each run (a bench cut off at a time limit keeps what it has)."""
     total = args.warmup + args.steps
     data_root = work / "data"
     make_dataset(data_root / "bench_synth", args.image_size, args.episodes, args.episode_length)
     det_env = {"CUBLAS_WORKSPACE_CONFIG": ":4096:8"}
-    results: dict = {}
     for mode, async_save in (("async", True), ("sync", False)):
         values = train_values(args, data_root, work / f"runs-{mode}", mode, async_save, total)
         run = run_train(values, work, mode, env=det_env, torchrun=args.torchrun)
         results[f"steadyvla_{mode}"] = {**run, **summarize(_metrics(work / f"runs-{mode}"), args.warmup,
                                                            args.batch_size)}
+        save()
         if mode == "sync" and run["returncode"] == 0:  # resume the finished run for a few more steps
             extra = dict(values, max_steps=total + args.resume_steps)
             resumed = run_train(extra, work, "sync-resume", after_step=total, env=det_env, torchrun=args.torchrun)
@@ -191,6 +178,7 @@ def steadyvla_arms(args, work: Path) -> dict:
                                            "time_to_first_step_s": resumed["time_to_first_step_s"],
                                            "fresh_time_to_first_step_s": run["time_to_first_step_s"],
                                            "log_tail": resumed["log_tail"]}
+            save()
         drop_checkpoints(work / f"runs-{mode}", args.keep_checkpoints)
     if "kill" in args.arms:
         values = train_values(args, data_root, work / "runs-kill", "async", True, total)
@@ -205,10 +193,7 @@ def steadyvla_arms(args, work: Path) -> dict:
                                   **compare_runs(_metrics(work / "runs-async"), _metrics(work / "runs-kill")),
                                   "log_tail": resumed["log_tail"] if resumed["returncode"] else []}
         drop_checkpoints(work / "runs-kill", args.keep_checkpoints)
-    if any(r.get("steps_logged") and not r.get("steps_timed") for r in results.values()):
-        results.setdefault("notes", []).append("metrics.jsonl has no step_time_s (issue 14's timing keys): "
-                                               "steadyvla s/step not measured")
-    return results
+        save()
 
 
 # ---------------------------------------------------------------- orchestration and report
@@ -332,23 +317,22 @@ def main(argv: list[str] | None = None) -> int:
     results: dict = {"settings": {k: (sorted(v) if isinstance(v, set) else v) for k, v in vars(args).items()},
                      "device": device_name, "torch": torch.__version__, "notes": [],
                      "date": time.strftime("%Y-%m-%d")}
+    results["notes"].append("the reference trains on one fixed batch; steadyvla reads the generated dataset "
+                            f"through its DataLoader ({args.num_workers} workers)")
+
+    def save() -> None:
+        out.write_text(json.dumps(results, indent=1))
+
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(args.work_dir) if args.work_dir else Path(tmp)
         work.mkdir(parents=True, exist_ok=True)
         if "reference" in args.arms:
             results["reference"] = reference_in_subprocess(args, work)
+            save()
         if args.arms & {"steadyvla", "kill"}:
-            missing = train_available()
-            if missing:
-                results["notes"].append(missing)
-            else:
-                arms = steadyvla_arms(args, work)
-                results["notes"] += arms.pop("notes", [])
-                results.update(arms)
-    results["notes"].append("the reference trains on one fixed batch; steadyvla reads the generated dataset "
-                            f"through its DataLoader ({args.num_workers} workers)")
+            steadyvla_arms(args, work, results, save)
     print(table(results))
-    out.write_text(json.dumps(results, indent=1))
+    save()
     print(f"wrote {out}")
     return 0
 

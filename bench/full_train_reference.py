@@ -72,7 +72,10 @@ def shard_model(model: torch.nn.Module, compute_dtype: torch.dtype, reshard_afte
     blocks = [m for m in model.modules() if isinstance(m, (LlamaDecoderLayer, Block))]
     for block in blocks:
         fully_shard(block, mp_policy=policy, reshard_after_forward=reshard_after_forward)
-    fully_shard(model, mp_policy=policy, reshard_after_forward=reshard_after_forward)
+    # The root (embedding, LM head, projector) stays unsharded after forward, as FSDP1's root did:
+    # the model returns a dataclass, which FSDP2 does not search for tensors, so no pre-backward
+    # hook would gather a resharded root again (on CUDA: "setStorage ... storage of size 0").
+    fully_shard(model, mp_policy=policy, reshard_after_forward=False)
     return len(blocks)
 
 
