@@ -176,3 +176,32 @@ def test_unknown_metadata_content_fails_at_save(tmp_path):
     with pytest.raises(CheckpointException, match="planner_data\\['x'\\]: cannot serialise a value of type set"):
         dcp.save(saved_state(), storage_writer=Odd(tmp_path), no_dist=True)
     assert not (tmp_path / METADATA_JSON).exists()
+
+
+def test_reused_stager_keeps_each_save_its_own_values(tmp_path, no_pickle):
+    """Two async saves through one run's stager: the host copies of the first save are reused by the
+    second (no new allocation), and each checkpoint holds the values of the moment it was saved."""
+    from steadyvla.checkpoint.dcp_io import async_save_model_optim, reusable_stager
+    from steadyvla.checkpoint.layout import DCP_DIR
+
+    stager = reusable_stager(torch.device("cpu"))
+    state = saved_state()
+    first = {k: v.clone() for k, v in state["model"].items()}
+    staged, written = async_save_model_optim(state, tmp_path / "one", stager)
+    staged.result()
+    copies = dict(stager._state_dict_stager._cached_storage_mapping.items())
+    state["model"]["w32"].add_(1.0)  # the update after the copy is complete
+    state["optim"]["state"]["w32"]["exp_avg"].mul_(2.0)
+    written.result()  # the next save waits for this one's write: its host copies are reused
+    second = {k: v.clone() for k, v in state["model"].items()}
+    staged, written = async_save_model_optim(state, tmp_path / "two", stager)
+    staged.result()
+    written.result()
+    reused = dict(stager._state_dict_stager._cached_storage_mapping.items())
+    assert copies and {id(k): v.data_ptr() for k, v in copies.items()} == {id(k): v.data_ptr() for k, v in reused.items()}
+    for name, want in (("one", first), ("two", second)):
+        loaded = allocated_state()
+        dcp.load(loaded, storage_reader=JsonMetadataReader(tmp_path / name / DCP_DIR), no_dist=True)
+        assert_bitwise_equal(loaded["model"], want, name)
+    assert not torch.equal(first["w32"], second["w32"])
+    stager.close()

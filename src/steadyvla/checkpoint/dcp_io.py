@@ -17,6 +17,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.staging import DefaultStager, StagingOptions
 from torch.distributed.checkpoint.state_dict import (
     get_model_state_dict, get_state_dict, set_model_state_dict, set_state_dict,
 )
@@ -42,10 +43,25 @@ def save_model_optim(state: dict[str, Any], ckpt_dir: Path, process_group=None) 
              no_dist=_single_process())
 
 
-def async_save_model_optim(state: dict[str, Any], ckpt_dir: Path, process_group=None) -> Future:
-    """DCP async save: stages to CPU memory now, writes on a background thread (collective)."""
-    return dcp.async_save(state, storage_writer=JsonMetadataWriter(ckpt_dir / DCP_DIR), process_group=process_group,
-                          no_dist=_single_process())
+def reusable_stager(device: torch.device) -> DefaultStager:
+    """The stager of one run's async saves. It keeps its host copies between saves (pinned on CUDA, so
+    every save after the first reuses them instead of allocating the whole state again) and copies on
+    a background thread (on CUDA: non-blocking, on a stream of its own), while the next step's
+    forward and backward run; the loop waits for it only before the optimizer changes the weights."""
+    cuda = device.type == "cuda"
+    return DefaultStager(StagingOptions(use_pinned_memory=cuda, use_shared_memory=False, use_async_staging=True,
+                                        use_non_blocking_copy=cuda))
+
+
+def async_save_model_optim(state: dict[str, Any], ckpt_dir: Path, stager: DefaultStager,
+                           process_group=None) -> tuple[Future, Future]:
+    """DCP async save (collective): `stager` copies `state` to host memory in the background, then a
+    background thread writes it. Returns (staged, written): `state`'s tensors must not change before
+    `staged` is done (the next save must wait for `written`: the host copies are reused). On CUDA the
+    caller synchronises the training stream first: the stager's stream does not wait for it."""
+    response = dcp.async_save(state, storage_writer=JsonMetadataWriter(ckpt_dir / DCP_DIR),
+                              process_group=process_group, async_stager=stager, no_dist=_single_process())
+    return response.staging_completion, response.upload_completion
 
 
 def load_model_optim(model: torch.nn.Module, optimizer: torch.optim.Optimizer, ckpt_dir: Path) -> None:

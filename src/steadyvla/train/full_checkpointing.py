@@ -4,9 +4,11 @@ atomically with a manifest by the same CheckpointManager as LoRA checkpoints.
 A save: rank 0 opens the temporary dir (`CheckpointManager.begin`) and tells every rank its path;
 every rank writes its model/optimizer shards into `model_optim/` (DCP); rank 0 then writes
 trainer_state.json / .safetensors (RNG of every rank, data position, scheduler, metrics, hooks) and
-commits (manifest, fsync, rename, `latest`, retention). With `async_save` the shards are staged to
-CPU memory at once and written in the background (at most one save in flight, on a process group
-of its own so it never interleaves with training's collectives); rank 0 commits when they are done.
+commits (manifest, fsync, rename, `latest`, retention). With `async_save` the shards are copied to
+host buffers reserved at the first save and reused (pinned on CUDA) while the next step computes,
+and written in the background (at most one save in flight, on a process group of its own so it
+never interleaves with training's collectives); rank 0 commits when they are done. The loop waits
+for the copies only before the optimizer next changes the weights (`before_update`).
 """
 
 from __future__ import annotations
@@ -15,11 +17,14 @@ import json
 from pathlib import Path
 from typing import Any, Callable
 
+import torch
 import torch.distributed as dist
 from safetensors.torch import load_file, save_file
 
 from steadyvla.checkpoint.async_writer import AsyncCheckpointWriter
-from steadyvla.checkpoint.dcp_io import async_save_model_optim, load_model_optim, model_optim_state, save_model_optim
+from steadyvla.checkpoint.dcp_io import (
+    async_save_model_optim, load_model_optim, model_optim_state, reusable_stager, save_model_optim,
+)
 from steadyvla.checkpoint.layout import CHECKPOINTS_DIR, TRAINER_STATE_JSON, TRAINER_STATE_TENSORS, step_dir_name
 from steadyvla.checkpoint.manager import CheckpointManager
 from steadyvla.config import RunConfig
@@ -58,12 +63,19 @@ class FullCheckpointer:
         self.group = dist.new_group(backend="gloo") if env.distributed and cfg.async_save else None
         self.committer = AsyncCheckpointWriter(name="steadyvla-full-commit")  # rank 0: wait shards, commit
         self._future = None  # this rank's DCP write in flight
+        self._staged = None  # this rank's host copy in flight
+        self.stager = reusable_stager(torch.device(env.device)) if cfg.async_save else None
+        self.before_commit: Callable[[], None] = lambda: None  # as TrainerCheckpointer.before_commit
 
     def prepare(self, state: TrainState) -> None:
-        """Loop interface: nothing to reserve (DCP stages its own copies)."""
+        """Loop interface: nothing to reserve up front (the stager keeps the first save's buffers)."""
 
     def before_update(self) -> None:
-        """Loop interface: a DCP save has staged its copies before `save` returns."""
+        """Loop interface: the weights and optimizer state change next; the host copy of the save in
+        flight must be complete."""
+        staged, self._staged = self._staged, None
+        if staged is not None:
+            staged.result()
 
     def save(self, state: TrainState, *, blocking: bool = False) -> None:
         """Save the state of this optimizer step (every rank calls it)."""
@@ -80,7 +92,9 @@ class FullCheckpointer:
                 self.log(f"saved checkpoint {self._commit(record, tmp, step, name)}")
             barrier(self.env)
             return
-        future = async_save_model_optim(shards, tmp, process_group=self.group)
+        if torch.device(self.env.device).type == "cuda":
+            torch.cuda.current_stream().synchronize()  # the stager's stream must see this step's update
+        self._staged, future = async_save_model_optim(shards, tmp, self.stager, process_group=self.group)
         if self.env.is_main:
             self.committer.submit(lambda: self._commit(record, tmp, step, name, future), label=name)
         else:
@@ -90,6 +104,7 @@ class FullCheckpointer:
         if future is not None:
             future.result()  # every rank's shards are written once the coordinator's save returns
         tensors, meta = record
+        self.before_commit()
         meta["kind"] = CHECKPOINT_KIND
         save_file(tensors, str(tmp / TRAINER_STATE_TENSORS), metadata={"format": "pt"})
         fault_point("mid_save", step)  # tests: shards and tensors written, no JSON, no manifest
@@ -103,6 +118,7 @@ class FullCheckpointer:
 
     def wait(self) -> None:
         """Block until the save in flight (if any) is written and committed."""
+        self.before_update()
         future, self._future = self._future, None
         if future is not None:
             future.result()
