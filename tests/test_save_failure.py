@@ -51,3 +51,29 @@ def test_unexpected_exceptions_are_one_error_line_and_debug_shows_the_traceback(
     assert main(["ckpt", "ls", str(tmp_path), "--debug"]) == 1
     err = capsys.readouterr().err
     assert "Traceback" in err and err.strip().splitlines()[-1].startswith("error: KeyError")
+
+
+def test_metrics_are_made_durable_before_each_commit_off_the_training_thread(synthetic_root, tmp_path, monkeypatch):
+    """metrics.jsonl is fsynced before every checkpoint is committed (a resumed run finds every line
+    up to its checkpoint), and for background saves on the writer thread, not inside the step."""
+    import threading
+
+    from steadyvla.train.metrics import MetricsLogger
+
+    values = resume_values(synthetic_root, tmp_path, max_steps=4, async_save=True)
+    run_dir = run_dir_of(values)
+    calls = []
+    real_sync = MetricsLogger.sync
+
+    def recording_sync(self):
+        real_sync(self)
+        committed = sorted(p.name for p in (run_dir / CHECKPOINTS_DIR).glob("step-*"))
+        lines = [line["step"] for line in metrics_lines(run_dir)]
+        calls.append((threading.current_thread() is threading.main_thread(), committed, lines))
+
+    monkeypatch.setattr(MetricsLogger, "sync", recording_sync)
+    assert main(finetune_args(values)) == 0
+    # saves at steps 2 (background) and 4 (the last one: blocking, on the training thread)
+    assert [(on_main, committed) for on_main, committed, _ in calls] == [
+        (False, []), (True, ["step-000002"])]
+    assert all(lines[-1] >= step for (_, _, lines), step in zip(calls, (2, 4)))

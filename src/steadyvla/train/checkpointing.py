@@ -215,6 +215,10 @@ def restore_trainer_record(state: TrainState, meta: dict[str, Any], tensors: dic
     state.rewinds = list(meta.get(REWINDS_KEY, []))
 
 
+def _nothing() -> None:
+    pass
+
+
 class SaveFailed(RuntimeError):
     """A checkpoint could not be written, also on the retry; the message names it and the cause."""
 
@@ -241,6 +245,9 @@ class TrainerCheckpointer:
         self._copies: DeviceCopies | None = None  # of the last snapshot, until the next update waited for them
         self._reserved = False
         self._adapter_view: dict[str, torch.Tensor] | None = None  # set by `prepare`
+        # run before a checkpoint is committed, on the thread that commits it: the loop sets it to
+        # make metrics.jsonl durable first (an fsync kept off the training thread)
+        self.before_commit: Callable[[], None] = _nothing
 
     def prepare(self, state: TrainState) -> None:
         """Once the optimizer has state (after the first update): allocate every save's pinned host
@@ -288,6 +295,7 @@ class TrainerCheckpointer:
             self._write_retrying(snapshot, err)
 
     def _write(self, snapshot: Snapshot) -> Path:
+        self.before_commit()
         return self.manager.save(snapshot.step, lambda d: write_snapshot(snapshot, d), keep_steps=snapshot.keep_steps)
 
     def _write_retrying(self, snapshot: Snapshot, error: Exception | None = None) -> Path:

@@ -104,6 +104,7 @@ def run_loop(
     bar = tqdm(total=cfg.max_steps, initial=state.global_step, disable=not (cfg.progress_bar and env.is_main),
                desc="finetune", dynamic_ncols=True)
     lines = _LineWriter(logger, bar, env)
+    checkpointer.before_commit = logger.sync  # metrics lines durable before each checkpoint commits
     ckpt_blocking_s: float | None = None
     try:
         while state.global_step < cfg.max_steps:
@@ -148,7 +149,6 @@ def run_loop(
                 lines.write_pending()  # every checkpoint's step has its line on disk
                 save_started = time.perf_counter()
                 state.metrics_state = logger.state_dict()
-                logger.sync()
                 checkpointer.save(state, blocking=preempted or last or bool(stopping))
                 ckpt_blocking_s = time.perf_counter() - save_started
             if preempted:

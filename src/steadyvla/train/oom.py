@@ -107,7 +107,6 @@ def stop_after_oom(err: BaseException, cfg, state, start: StepStart, consistent:
             saved = f"checkpoint {name} (the last completed step) was already complete"
         else:
             state.metrics_state = logger.state_dict()
-            logger.sync()
             checkpointer.save(state, blocking=True)
             saved = f"saved checkpoint {name} (the last completed step)"
     knobs = "\n".join(f"  {k}" for k in _knobs(cfg))
