@@ -68,3 +68,23 @@ def test_model_init_is_deterministic_per_seed():
     tok = load_tokenizer(cfg)
     a, b = build_vla(cfg, tok).state_dict(), build_vla(cfg, tok).state_dict()
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_towers_stop_at_the_second_to_last_block_with_the_same_features():
+    """The features are timm's second-to-last block output exactly (as get_intermediate_layers gives
+    them), but the last block never runs."""
+    cfg = build_config({})
+    backbone = build_vla(cfg, load_tokenizer(cfg)).vision_backbone.eval()
+    images = torch.randn(2, 6, backbone.featurizer.patch_embed.img_size[0], backbone.featurizer.patch_embed.img_size[1],
+                         generator=torch.Generator().manual_seed(0))
+    calls = []
+    last = backbone.featurizer.blocks[-1].register_forward_hook(lambda *_: calls.append("last"))
+    with torch.no_grad():
+        got = backbone(images)
+        first, second = images[:, :3], images[:, 3:]
+        want = torch.cat([backbone.featurizer.get_intermediate_layers(first, n={len(backbone.featurizer.blocks) - 2})[0],
+                          backbone.fused_featurizer.get_intermediate_layers(
+                              second, n={len(backbone.fused_featurizer.blocks) - 2})[0]], dim=2)
+    assert calls == ["last"]  # only the reference call above ran the last block
+    assert torch.equal(got, want)
+    last.remove()

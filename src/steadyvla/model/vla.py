@@ -40,7 +40,9 @@ class VisionBackbone(nn.Module):
 
     @staticmethod
     def _patch_features(tower: nn.Module, images: torch.Tensor) -> torch.Tensor:
-        (features,) = tower.get_intermediate_layers(images, n={len(tower.blocks) - 2})
+        # stop_early: the last block's output is never used, so it is never computed
+        (features,) = tower.forward_intermediates(images, indices=[len(tower.blocks) - 2], stop_early=True,
+                                                  output_fmt="NLC", intermediates_only=True)
         return features
 
     def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
