@@ -10,8 +10,8 @@ number for every arm (it is the work the step needs, not what an arm happens to 
 
 with `tokens` the rows a layer sees: B*L for the LLM (L = 256 patches + padded text length T),
 B*S_tower for each ViT block whose output is used (S = patches + prefix tokens; features come from
-the second-to-last block: timm's get_intermediate_layers still runs the last block's forward, wasted
-and not counted; SigLIP's pooling head never runs), B*256 for the projector,
+the second-to-last block, where both arms' towers stop; OpenVLA's timm also ran the last block, under
+1 % of the step, not modelled; SigLIP's pooling head never runs), B*256 for the projector,
 and B*(T-1) for the LM head: the positions a label can be at (the head at the 256 patch positions,
 which the reference computes, is wasted work and not counted). Frozen weights get no weight
 gradient, so 6*N*tokens (dense training) over-counts LoRA fine-tuning by ~1/3. Attention is
@@ -179,7 +179,7 @@ def run_steadyvla_step(model: nn.Module, cfg: RunConfig, batch: dict[str, torch.
     if cfg.lora_in_model_dtype:
         lora_in_model_dtype(model)
     if compile_enabled(cfg, device):
-        compile_blocks(vla)
+        compile_blocks(vla, cfg.compile_mode)
     optimizer = build_optimizer(model, cfg, fused=fused_enabled(cfg, device))
     state = TrainState(model, optimizer, build_scheduler(optimizer, cfg), DataPosition())
     sampler = ResumableBatchSampler(10_000, batch["input_ids"].shape[0], seed=0)

@@ -11,6 +11,8 @@ the JSON is rewritten after every arm):
                    saves every steps // 2 + at the end), then a resume: time to first step
   step_plain       steadyvla's step with every fast path off
   step_labels_only / step_fused_only / step_compile_only   one fast path on at a time
+  step_cudagraphs  step_fast with `compile_mode: reduce-overhead` (each compiled block a CUDA graph)
+  finetune_e2e_cudagraphs   finetune_e2e with `compile_mode: reduce-overhead`
 
 `--profile` (default on) adds 3 profiled steps to ref_eager and step_fast and prints the top ops
 by self device time (torch.profiler key_averages); the tables also go into the JSON.
@@ -51,7 +53,7 @@ from steadyvla.model.build import action_tokenizer_for, build_vla, load_tokenize
 from steadyvla.versions import library_versions  # noqa: E402
 
 ALL_ARMS = ("ref_eager", "ref_compiled", "step_fast", "finetune_e2e", "step_plain", "step_lora_dtype_only",
-            "step_labels_only", "step_fused_only", "step_compile_only")
+            "step_labels_only", "step_fused_only", "step_compile_only", "step_cudagraphs", "finetune_e2e_cudagraphs")
 # the fast-path keys of each steadyvla step arm (None = the device's default)
 _OFF = dict(logits_at_labels_only=False, compile_blocks=False, fused_optimizer=False, lora_in_model_dtype=False)
 STEP_ARMS = {
@@ -61,10 +63,15 @@ STEP_ARMS = {
     "step_labels_only": {**_OFF, "logits_at_labels_only": True},
     "step_fused_only": {**_OFF, "fused_optimizer": True},
     "step_compile_only": {**_OFF, "compile_blocks": True},
+    "step_cudagraphs": dict(logits_at_labels_only=True, compile_blocks=True, compile_mode="reduce-overhead",
+                            fused_optimizer=None, lora_in_model_dtype=True),
 }
+# steadyvla finetune end to end: the defaults, and with CUDA graphs per block
+E2E_ARMS = {"finetune_e2e": {}, "finetune_e2e_cudagraphs": {"compile_mode": "reduce-overhead"}}
 # rough seconds an arm needs on an H100 for the 7B (compile arms: inductor's cache helps the later ones)
 ESTIMATE_S = {"ref_eager": 30, "ref_compiled": 90, "step_fast": 50, "step_plain": 25,
-              "finetune_e2e": 150, "step_lora_dtype_only": 25, "step_labels_only": 25, "step_fused_only": 25, "step_compile_only": 45}
+              "finetune_e2e": 150, "step_lora_dtype_only": 25, "step_labels_only": 25, "step_fused_only": 25, "step_compile_only": 45,
+              "step_cudagraphs": 60, "finetune_e2e_cudagraphs": 150}
 PROFILED_ARMS = ("ref_eager", "step_fast")
 PEAK_BF16_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0}  # dense bf16 spec sheets
 
@@ -141,7 +148,8 @@ class Bench:
         # cut off and recorded, and the results so far are already on disk
         signal.alarm(max(5, int(self.left() + self.args.grace_s)))
         try:
-            result = getattr(self, f"_arm_{'step' if name in STEP_ARMS else name}")(name)
+            kind = "step" if name in STEP_ARMS else "finetune_e2e" if name in E2E_ARMS else name
+            result = getattr(self, f"_arm_{kind}")(name)
         except Exception as err:  # noqa: BLE001 - one failing arm must not lose the others
             result = {"error": f"{type(err).__name__}: {err}", "traceback": traceback.format_exc()[-3000:]}
             gc.collect()
@@ -197,11 +205,12 @@ class Bench:
         if self.flops is None:
             self.drop_lora(self.lora())
         self.free_base()  # the subprocess needs the GPU memory
-        work = Path(self.args.work_dir or tempfile.mkdtemp(prefix="lora_e2e_"))
+        work = Path(self.args.work_dir or tempfile.mkdtemp(prefix="lora_e2e_")) / name
         work.mkdir(parents=True, exist_ok=True)
         timeout = max(60.0, min(self.args.e2e_timeout_s, self.left() - 20))
         return run_e2e(work, self.args.preset, self.args.tokenizer, self.args.batch_size, self.args.workers,
-                       self.args.image_size, self.args.warmup, self.args.steps, timeout, self.peak, self.flops)
+                       self.args.image_size, self.args.warmup, self.args.steps, timeout, self.peak, self.flops,
+                       extra=E2E_ARMS[name])
 
 
 class BudgetExceeded(Exception):

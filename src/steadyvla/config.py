@@ -121,6 +121,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "reduce_dtype": ("float32", "bfloat16"),
     "strategy": ("fsdp", "ddp"),
     "icsm_split": ("ranked", "extremes"),
+    "compile_mode": ("default", "reduce-overhead", "max-autotune-no-cudagraphs"),
 }
 
 
@@ -164,6 +165,7 @@ class RunConfig:
     # resume-critical; docs/PERFORMANCE.md measures them)
     logits_at_labels_only: bool = True  # LM head + loss only at text positions, never at the 256 patches
     compile_blocks: bool | None = None  # torch.compile each decoder/ViT block; null = on CUDA, off on CPU
+    compile_mode: str = "default"  # torch.compile mode of the blocks; reduce-overhead = CUDA graphs per block
     fused_optimizer: bool | None = None  # fused AdamW + foreach grad clipping; null = on CUDA, off on CPU
     lora_in_model_dtype: bool = True  # LoRA matmuls in the model's dtype (bf16), fp32 master weights kept
     # --- LoRA

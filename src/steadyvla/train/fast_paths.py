@@ -1,5 +1,5 @@
 """Speed options of the training step (config keys `logits_at_labels_only`, `compile_blocks`,
-`fused_optimizer`, `lora_in_model_dtype`): each computes what the plain path computes, up to
+`compile_mode`, `fused_optimizer`, `lora_in_model_dtype`): each computes what the plain path computes, up to
 floating-point round-off (bf16 round-off for `lora_in_model_dtype` on a bf16 model).
 
 Regional compilation: every transformer block (Llama decoder layer, timm ViT block) is compiled
@@ -36,9 +36,10 @@ def fused_enabled(cfg: RunConfig, device: torch.device | str) -> bool:
     return cfg.fused_optimizer if cfg.fused_optimizer is not None else on_cuda(device)
 
 
-def compile_blocks(model: nn.Module) -> int:
-    """Compile every transformer block of `model` in place; returns how many. Gradient
-    checkpointing, PEFT's LoRA layers and the method's hooks stay as they are around each block."""
+def compile_blocks(model: nn.Module, mode: str = "default") -> int:
+    """Compile every transformer block of `model` in place with torch.compile's `mode`; returns how
+    many. Gradient checkpointing, PEFT's LoRA layers and the method's hooks stay as they are around
+    each block. `reduce-overhead` replays each block's kernels as a CUDA graph (no effect on CPU)."""
     import torch._dynamo
 
     config = torch._dynamo.config
@@ -50,7 +51,7 @@ def compile_blocks(model: nn.Module) -> int:
     count = 0
     for module in model.modules():
         if type(module).__name__ in COMPILED_BLOCK_TYPES:
-            module.compile()
+            module.compile(mode=None if mode == "default" else mode)
             count += 1
     return count
 
@@ -99,7 +100,8 @@ def apply_fast_paths(model: nn.Module, cfg: RunConfig, device: torch.device | st
     if cfg.lora_in_model_dtype and (changed := lora_in_model_dtype(model)):
         applied.append(f"lora_in_model_dtype ({changed} projections)")
     if compile_enabled(cfg, device):
-        applied.append(f"compile_blocks ({compile_blocks(vla)} blocks)")
+        mode = "" if cfg.compile_mode == "default" else f", mode {cfg.compile_mode}"
+        applied.append(f"compile_blocks ({compile_blocks(vla, cfg.compile_mode)} blocks{mode})")
     if fused_enabled(cfg, device):
         applied.append("fused_optimizer")
     return applied

@@ -44,6 +44,8 @@ def accumulate_gradients(cfg: RunConfig, state: TrainState, batches: Iterator[di
         inputs = to_device(batch, env.device)
         last = i == cfg.grad_accumulation_steps - 1
         # DDP / FSDP reduce gradients only on the last micro-batch of the step
+        if cfg.compile_mode == "reduce-overhead":
+            torch.compiler.cudagraph_mark_step_begin()  # the last micro-batch's graph outputs are dead
         with gradient_sync(train_model, last or not env.distributed):
             output = train_model(**inputs)
             (output.loss / cfg.grad_accumulation_steps).backward()
