@@ -100,11 +100,22 @@ def test_compile_blocks_compiles_every_block_in_place_and_keeps_state_dict_keys(
     torch._dynamo.reset()
 
 
-@pytest.mark.skip(reason="torch.compile of the tiny VLA on this CPU takes ~200 s (inductor C++ builds); "
-                         "compiled-vs-eager steps are measured on the GPU by bench/lora_throughput.py "
-                         "(step_compile_only, step_fast vs step_plain)")
-def test_compiled_step_matches_eager():
-    pass
+def test_compile_mode_reaches_every_block_and_bad_modes_are_refused(monkeypatch):
+    """`compile_mode` is torch.compile's mode of each block (compiling itself is exercised on the GPU:
+    tests/test_gpu.py and bench/lora_throughput.py; on this CPU it takes minutes)."""
+    from steadyvla.config import ConfigError
+
+    modes = []
+    monkeypatch.setattr(torch.nn.Module, "compile", lambda self, **kw: modes.append(kw.get("mode")))
+    _cfg, _tok, model, _ = _tiny()
+    cfg = build_config({"compile_blocks": True, "compile_mode": "reduce-overhead"})
+    assert "compile_blocks (10 blocks, mode reduce-overhead)" in apply_fast_paths(model, cfg, "cpu")
+    assert modes == ["reduce-overhead"] * 10
+    modes.clear()
+    compile_blocks(model)
+    assert modes == [None] * 10  # torch.compile's default mode
+    with pytest.raises(ConfigError, match="compile_mode"):
+        build_config({"compile_mode": "fastest"})
 
 
 def test_fast_path_defaults_follow_the_device():
