@@ -205,3 +205,29 @@ def test_reused_stager_keeps_each_save_its_own_values(tmp_path, no_pickle):
         assert_bitwise_equal(loaded["model"], want, name)
     assert not torch.equal(first["w32"], second["w32"])
     stager.close()
+
+
+def test_staged_state_has_only_plain_containers_and_the_same_storage():
+    """What the stager deep-copies: dicts, lists, tuples, primitives and tensors sharing the live
+    storage (an OrderedDict or a tensor attribute would go through __reduce_ex__, which some torch
+    versions fail on at the second save)."""
+    from collections import OrderedDict
+
+    from steadyvla.checkpoint.dcp_io import plain_containers
+
+    weight = torch.ones(3)
+    weight.marker = OrderedDict  # a class object hanging off a tensor
+    state = {"model": OrderedDict(w=weight), "optim": {"param_groups": [OrderedDict(lr=0.1, betas=(0.9, 0.99))]}}
+    plain = plain_containers(state)
+    assert type(plain["model"]) is dict and type(plain["optim"]["param_groups"][0]) is dict
+    assert plain["optim"]["param_groups"][0] == {"lr": 0.1, "betas": (0.9, 0.99)}
+    assert plain["model"]["w"].data_ptr() == weight.data_ptr() and not hasattr(plain["model"]["w"], "marker")
+
+    def kinds(x):
+        if isinstance(x, dict):
+            return {type(x)} | set().union(*(kinds(v) for v in x.values()))
+        if isinstance(x, (list, tuple)):
+            return {type(x)} | set().union(*(kinds(v) for v in x))
+        return {type(x)}
+
+    assert kinds(plain) <= {dict, list, tuple, float, torch.Tensor}

@@ -10,6 +10,7 @@ rank 0 (train/full_checkpointing.py) through the same CheckpointManager as LoRA 
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from concurrent.futures import Future
 from pathlib import Path
 from typing import Any
@@ -59,9 +60,25 @@ def async_save_model_optim(state: dict[str, Any], ckpt_dir: Path, stager: Defaul
     background thread writes it. Returns (staged, written): `state`'s tensors must not change before
     `staged` is done (the next save must wait for `written`: the host copies are reused). On CUDA the
     caller synchronises the training stream first: the stager's stream does not wait for it."""
-    response = dcp.async_save(state, storage_writer=JsonMetadataWriter(ckpt_dir / DCP_DIR),
+    response = dcp.async_save(plain_containers(state), storage_writer=JsonMetadataWriter(ckpt_dir / DCP_DIR),
                               process_group=process_group, async_stager=stager, no_dist=_single_process())
     return response.staging_completion, response.upload_completion
+
+
+def plain_containers(state: Any) -> Any:
+    """`state` with every mapping a dict and every sequence a list or tuple, tensors detached (same
+    storage). The stager deep-copies whatever else it meets through `__reduce_ex__`, and some torch
+    versions then fail on the second save (KeyError: <class 'type'>, their dispatch table cleared by
+    the first); optimizer state dicts hold OrderedDicts."""
+    if isinstance(state, torch.Tensor):
+        return state.detach()
+    if isinstance(state, Mapping):
+        return {key: plain_containers(value) for key, value in state.items()}
+    if isinstance(state, list):
+        return [plain_containers(value) for value in state]
+    if isinstance(state, tuple):
+        return tuple(plain_containers(value) for value in state)
+    return state
 
 
 def load_model_optim(model: torch.nn.Module, optimizer: torch.optim.Optimizer, ckpt_dir: Path) -> None:
