@@ -14,22 +14,38 @@ Pipeline, all through steadyvla's own entry points (the functions behind `steady
 4. Closed-loop success (`eval`) of each merged model on A (un-normalised with setA's statistics)
    and on B (with setB's): success counts pooled over tasks and seeds, with Wilson 95 % intervals.
 
-Prints a table and writes results.json into --work-dir (also to stdout with --json).
+Prints a table and writes results.json into --work-dir (also to stdout with --json). After every
+eval, results_partial.json holds what exists so far (rows every seed has finished under `results`,
+the others under `incomplete`) and one `[forgetting] <elapsed>s ...` line is printed, so a run cut
+at a wall limit still tells what it reached.
 
-    PYTHONPATH=src python bench/forgetting.py                      # defaults: see --help
-    PYTHONPATH=src python bench/forgetting.py --smoke              # whole pipeline in < 2 min on CPU
+The GPU run (1 H100, 16 cores; each of the 14 workers evaluates with 8 environments in lockstep):
 
-Scale found on CPU (2 shared cores): the default base (tiny preset, 10 demo episodes per task of
-reach / button-press-topdown / drawer-close at 64 px, batch 16, lr 5e-3 cosine to 3e-4, LoRA r16,
-400 steps: train loss 4.4 -> ~2.3, action token accuracy 20 % -> ~55 %) reached 2/15 = 13 %
-closed-loop success on A (button-press-topdown 2/5, reach 0/5, drawer-close 0/5; eval seed 0,
-120-step horizon). Training ran ~4 steps/s on the idle CPU; evaluation is the cost: that eval took
-25 min wall (1750 env steps, 1.2 env steps/s, the 2 cores shared by ~10 processes). The defaults
-keep that base and budget the rest for a GPU run of about 8 minutes: 300 fine-tune steps per arm
-and seed, 8 eval episodes per task and seed, 2 seeds (at most 34,560 env steps; successful
-episodes end early). Training and eval use the GPU when there is one (`--device` overrides for
-eval). Runs, merged models and eval JSONs are reused when present: use a fresh --work-dir for
-different settings.
+    PYTHONPATH=src python3 bench/forgetting.py --work-dir /tmp/fg --jobs 14 --time-budget 450 --json
+
+--jobs N runs independent work in N spawned processes: the two datasets together; the base as soon
+as setA exists; then the base's evals alongside all fine-tunes (they need only the base), and each
+fine-tuned model's evals as soon as its merge exists. Every job is seeded on its own, so the results
+equal the inline run's (--jobs 1: the original order, one job after another). --time-budget S
+starts no job after S seconds (running ones finish: an eval takes up to ~2 min at the defaults, so
+leave that much below the wall limit); the bench then prints what it has, names what it skipped
+and exits 0. Runs, merged models and eval JSONs are reused when present (a cut run resumes where
+it stopped): use a fresh --work-dir for different settings.
+
+    PYTHONPATH=src python bench/forgetting.py --smoke --jobs 2     # whole pipeline in ~1-2 min on CPU
+
+Scale. On CPU (2 shared cores) a base of 10 demo episodes per task of reach /
+button-press-topdown / drawer-close at 64 px, batch 16, lr 5e-3 cosine to 3e-4, LoRA r16, 400
+steps (loss 4.4 -> ~2.3, action token accuracy 20 % -> ~55 %) reached 2/15 = 13 % closed-loop
+success on A (eval seed 0, 120-step horizon). The defaults double data and steps for the GPU run:
+20 episodes per task, 800 base steps, 300 fine-tune steps per arm and seed, 8 eval episodes per
+task and seed, 2 seeds (12 evals of at most 2,880 env steps each; successes end early). Estimate
+for that run from pieces timed on CPU: each dataset ~100 s (1.6 s per demo episode at 64 px; the
+two run together), base ~60-80 s (0.05-0.1 s/step), the 4 fine-tunes together ~60-90 s, then
+evals ~2 min each in parallel (~25 env steps/s per process: osmesa rendering ~30 ms/step, the
+tiny model's batched forward ~30-40 ms on one CPU core): ~6-7 min in all. Training and eval use
+the GPU when there is one (`--device` overrides for eval; `--device cpu` is an option if 14
+processes sharing the GPU slow its forward down).
 """
 
 from __future__ import annotations
@@ -77,9 +93,9 @@ class Settings:
     work_dir: Path
     tasks_a: list[str]
     tasks_b: list[str]
-    episodes_per_task: int = 10
+    episodes_per_task: int = 20
     image_size: int = 64
-    base_steps: int = 400
+    base_steps: int = 800
     finetune_steps: int = 300
     batch_size: int = 16
     learning_rate: float = 5e-3
