@@ -316,6 +316,12 @@ def parse_args(argv: list[str] | None = None) -> tuple[Settings, argparse.Namesp
             p.error(f"{flag}: {value}; must be >= 1")
     if args.time_budget is not None and args.time_budget < 0:
         p.error(f"--time-budget: {args.time_budget:g}; must be >= 0 seconds")
+    try:
+        seeds = [int(x) for x in args.seeds.split(",")]
+    except ValueError:
+        seeds = []
+    if not seeds or len(set(seeds)) != len(seeds):
+        p.error(f"--seeds: {args.seeds!r}; must be distinct integers, e.g. 0,1")
     tasks_a, tasks_b = args.tasks_a.split(","), args.tasks_b.split(",")
     from steadyvla.sim.metaworld import TASK_INSTRUCTIONS
 
@@ -325,7 +331,7 @@ def parse_args(argv: list[str] | None = None) -> tuple[Settings, argparse.Namesp
     if set(tasks_a) & set(tasks_b):
         p.error(f"--tasks-a and --tasks-b must be disjoint; both have {sorted(set(tasks_a) & set(tasks_b))}")
     s = Settings(Path(args.work_dir), tasks_a, tasks_b, args.episodes_per_task, args.image_size, args.base_steps,
-                 args.finetune_steps, args.batch_size, args.lr, seeds=[int(x) for x in args.seeds.split(",")],
+                 args.finetune_steps, args.batch_size, args.lr, seeds=seeds,
                  eval_episodes=args.eval_episodes, eval_max_steps=args.eval_max_steps, num_envs=args.num_envs,
                  device=args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if args.smoke:

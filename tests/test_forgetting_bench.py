@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -54,7 +55,7 @@ def test_forgetting_smoke_runs_the_whole_pipeline(tmp_path, capsys):
 
     # --jobs 2: the same jobs in spawned worker processes (run as the lead runs it: a script)
     parallel = tmp_path.parent / (tmp_path.name + "-jobs2")
-    env = {"PYTHONPATH": str(SRC), "PATH": "/usr/bin:/bin", "TOKENIZERS_PARALLELISM": "false"}
+    env = {**os.environ, "PYTHONPATH": str(SRC), "TOKENIZERS_PARALLELISM": "false"}
     done = subprocess.run([sys.executable, str(BENCH), "--smoke", "--work-dir", str(parallel), "--jobs", "2"],
                           capture_output=True, text=True, timeout=600, env=env)
     assert done.returncode == 0, done.stdout + done.stderr
@@ -78,7 +79,8 @@ def test_time_budget_zero_starts_nothing_and_writes_partial_results(tmp_path, ca
 def test_bad_flags_name_the_flag_and_what_is_valid(tmp_path, capsys):
     bench = _bench_module()
     for flag, value, message in (("--jobs", "0", "--jobs: 0; must be >= 1"),
-                                 ("--time-budget", "-5", "--time-budget: -5; must be >= 0 seconds")):
+                                 ("--time-budget", "-5", "--time-budget: -5; must be >= 0 seconds"),
+                                 ("--seeds", "0,0", "--seeds: '0,0'; must be distinct integers, e.g. 0,1")):
         with pytest.raises(SystemExit):
             bench.main(["--work-dir", str(tmp_path), flag, value])
         assert message in capsys.readouterr().err
