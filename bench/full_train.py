@@ -41,6 +41,7 @@ BENCH_DIR = Path(__file__).resolve().parent
 REPO = BENCH_DIR.parent
 # metrics.jsonl keys that differ between identical runs (wall-clock timings, memory high-water marks)
 TIMING_KEYS = ("step_time_s", "ckpt_blocking_s")
+DEADLINE: float | None = None  # time.monotonic() by which every `steadyvla train` run is stopped (--time-limit-s)
 
 
 def volatile_keys() -> set[str]:
@@ -106,6 +107,8 @@ def run_train(values: dict, work: Path, name: str, after_step: int = 0, env: dic
     full_env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(REPO / "src"), os.environ.get("PYTHONPATH", "")]),
                     TOKENIZERS_PARALLELISM="false", **(env or {}))
     run_root = Path(values["run_root_dir"])
+    if DEADLINE is not None:
+        timeout = min(timeout, max(10.0, DEADLINE - time.monotonic()))
     log = (work / f"{name}.log").open("w")
     t0 = time.perf_counter()
     proc = subprocess.Popen(command, env=full_env, stdout=log, stderr=subprocess.STDOUT)
@@ -285,6 +288,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--work-dir", default=None, help="keep run dirs and logs here (default: a temporary dir)")
     p.add_argument("--keep-checkpoints", action="store_true", help="keep each arm's checkpoints (default: deleted "
                    "once measured, so the disk holds one arm's at a time)")
+    p.add_argument("--time-limit-s", type=float, default=None,
+                   help="stop (kill) any `steadyvla train` run still going this many seconds after the start; "
+                        "the JSON keeps what finished")
     p.add_argument("--out", required=True, help="JSON results")
     args = p.parse_args(argv)
     args.activation_checkpointing = args.activation_checkpointing == "true"
@@ -302,7 +308,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def main(argv: list[str] | None = None) -> int:
+    global DEADLINE
     args = parse_args(argv)
+    if args.time_limit_s is not None:
+        DEADLINE = time.monotonic() + args.time_limit_s
     out = Path(args.out)
     if args.arms == {"_reference"}:  # the child process of arm (a)
         from full_train_reference import run_reference
