@@ -139,7 +139,13 @@ def summarize(rows: list[dict], warmup: int, batch_size: int) -> dict:
     blocking = [r["ckpt_blocking_s"] for r in rows if r.get("ckpt_blocking_s") is not None]
     out: dict = {"steps_logged": len(rows), "steps_timed": len(timed), "ckpt_blocking_s_all": blocking}
     if timed:
-        out.update(s_per_step=statistics.median(timed), samples_per_s=batch_size / statistics.median(timed))
+        median = statistics.median(timed)
+        out.update(s_per_step=median, samples_per_s=batch_size / median)
+        # what each save cost the run: the time over the median of the step that saved and of the step
+        # after it (its update waits for the save's host copies); its line carries ckpt_blocking_s
+        times = {r["step"]: r["step_time_s"] for r in rows if "step_time_s" in r}
+        out["save_stall_s_all"] = [sum(max(0.0, times[s] - median) for s in (r["step"] - 1, r["step"]) if s in times)
+                                   for r in rows if r.get("ckpt_blocking_s") is not None]
     if blocking:
         out["save_blocking_s"] = statistics.median(blocking)
     for key in ("gpu_peak_alloc_gib", "gpu_peak_reserved_gib", "host_peak_rss_gib"):
@@ -230,14 +236,14 @@ def _fmt(value, digits: int = 3) -> str:
 def table(results: dict) -> str:
     """One table: a row per arm."""
     head = ("arm", "s/step", "samples/s", "GPU peak alloc GiB", "GPU peak reserved GiB", "host peak GiB",
-            "save blocking s", "load s / start -> first step s: fresh, resumed")
+            "save blocking s", "save stall s (each)", "load s / start -> first step s: fresh, resumed")
     rows = [head]
     ref = results.get("reference", {})
     if "s_per_step" in ref:
         rows.append(("(a) OpenVLA-style FSDP2 + rank-0 safetensors", _fmt(ref["s_per_step"]),
                      _fmt(ref["samples_per_s"], 2), _fmt(ref.get("gpu_peak_alloc_gib"), 2),
                      _fmt(ref.get("gpu_peak_reserved_gib"), 2), _fmt(ref.get("host_peak_rss_gib"), 2),
-                     _fmt(ref["save_blocking_s"]), f"load {_fmt(ref['load_s'])}"))
+                     _fmt(ref["save_blocking_s"]), _fmt(ref["save_blocking_s"]), f"load {_fmt(ref['load_s'])}"))
     resume = results.get("steadyvla_resume", {})
     for mode in ("async", "sync"):
         arm = results.get(f"steadyvla_{mode}")
@@ -248,7 +254,8 @@ def table(results: dict) -> str:
         rows.append((f"(b) steadyvla train, async_save {mode == 'async'}", _fmt(arm.get("s_per_step")),
                      _fmt(arm.get("samples_per_s"), 2), _fmt(arm.get("gpu_peak_alloc_gib"), 2),
                      _fmt(arm.get("gpu_peak_reserved_gib"), 2), _fmt(arm.get("host_peak_rss_gib"), 2),
-                     _fmt(arm.get("save_blocking_s")), after))
+                     _fmt(arm.get("save_blocking_s")),
+                     " ".join(f"{x:.2f}" for x in arm.get("save_stall_s_all", [])) or "-", after))
     widths = [max(len(r[i]) for r in rows) for i in range(len(head))]
     lines = [" | ".join(c.ljust(w) for c, w in zip(r, widths)) for r in rows]
     lines.insert(1, "-+-".join("-" * w for w in widths))

@@ -178,33 +178,34 @@ def test_unknown_metadata_content_fails_at_save(tmp_path):
     assert not (tmp_path / METADATA_JSON).exists()
 
 
-def test_reused_stager_keeps_each_save_its_own_values(tmp_path, no_pickle):
-    """Two async saves through one run's stager: the host copies of the first save are reused by the
-    second (no new allocation), and each checkpoint holds the values of the moment it was saved."""
-    from steadyvla.checkpoint.dcp_io import async_save_model_optim, reusable_stager
+def test_reused_host_buffers_keep_each_save_its_own_values(tmp_path, no_pickle):
+    """Two async saves through one run's HostStaging: the second reuses the first's host buffers (no
+    new allocation), and each checkpoint holds the values of the moment it was saved."""
+    from steadyvla.checkpoint import state as host_state
+    from steadyvla.checkpoint.dcp_io import async_save_model_optim
+    from steadyvla.checkpoint.dcp_staging import HostStaging
     from steadyvla.checkpoint.layout import DCP_DIR
 
-    stager = reusable_stager(torch.device("cpu"))
+    staging = HostStaging(torch.device("cpu"))
     state = saved_state()
+    staging.reserve(state)
+    reserved = {k: v.data_ptr() for k, v in host_state._PINNED.items() if k.startswith("full.")}
+    assert {"full.model.w32", "full.optim.state.w32.exp_avg"} <= set(reserved)
     first = {k: v.clone() for k, v in state["model"].items()}
-    staged, written = async_save_model_optim(state, tmp_path / "one", stager)
-    staged.result()
-    copies = dict(stager._state_dict_stager._cached_storage_mapping.items())
-    state["model"]["w32"].add_(1.0)  # the update after the copy is complete
+    copies, written = async_save_model_optim(state, tmp_path / "one", staging)
+    copies.before_update()
+    written.result()  # the next save waits for this one's write: its host buffers are reused
+    state["model"]["w32"].add_(1.0)  # the update after the copy
     state["optim"]["state"]["w32"]["exp_avg"].mul_(2.0)
-    written.result()  # the next save waits for this one's write: its host copies are reused
     second = {k: v.clone() for k, v in state["model"].items()}
-    staged, written = async_save_model_optim(state, tmp_path / "two", stager)
-    staged.result()
+    copies, written = async_save_model_optim(state, tmp_path / "two", staging)
     written.result()
-    reused = dict(stager._state_dict_stager._cached_storage_mapping.items())
-    assert copies and {id(k): v.data_ptr() for k, v in copies.items()} == {id(k): v.data_ptr() for k, v in reused.items()}
+    assert {k: v.data_ptr() for k, v in host_state._PINNED.items() if k.startswith("full.")} == reserved
     for name, want in (("one", first), ("two", second)):
         loaded = allocated_state()
         dcp.load(loaded, storage_reader=JsonMetadataReader(tmp_path / name / DCP_DIR), no_dist=True)
         assert_bitwise_equal(loaded["model"], want, name)
     assert not torch.equal(first["w32"], second["w32"])
-    stager.close()
 
 
 def test_staged_state_has_only_plain_containers_and_the_same_storage():
@@ -213,7 +214,7 @@ def test_staged_state_has_only_plain_containers_and_the_same_storage():
     versions fail on at the second save)."""
     from collections import OrderedDict
 
-    from steadyvla.checkpoint.dcp_io import plain_containers
+    from steadyvla.checkpoint.dcp_staging import plain_containers
 
     weight = torch.ones(3)
     weight.marker = OrderedDict  # a class object hanging off a tensor

@@ -8,7 +8,9 @@ RNG states of every rank go into rank 0's checkpoint so a resume restores each r
 
 from __future__ import annotations
 
+import contextlib
 import os
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -47,6 +49,21 @@ def init_distributed() -> DistEnv:
     if not dist.is_initialized():
         dist.init_process_group("nccl" if cuda else "gloo")
     return DistEnv(rank=dist.get_rank(), world_size=world, local_rank=local_rank, device=device)
+
+
+@contextlib.contextmanager
+def one_rank_group(env: DistEnv) -> Iterator[None]:
+    """A process group of this process alone while the block runs, unless the job already has one:
+    FSDP2 and DCP then take the same path on one GPU as on many (an in-memory store: no port)."""
+    if env.distributed or dist.is_initialized():
+        yield
+        return
+    backend = "cpu:gloo,cuda:nccl" if env.device.type == "cuda" else "gloo"
+    dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1)
+    try:
+        yield
+    finally:
+        dist.destroy_process_group()
 
 
 def shutdown(env: DistEnv) -> None:

@@ -5,8 +5,9 @@ its own unit, then the root (embeddings, projector, norms, LM head). Parameters 
 master weights the optimizer updates); `MixedPrecisionPolicy` gathers them in `dtype` for compute
 and reduces gradients in `reduce_dtype`. `hsdp_replicate_degree > 1` shards within groups of
 world_size / degree ranks and replicates across them (HSDP over a 2-D device mesh). `strategy: ddp`
-keeps the whole model on every rank (DDP, autocast for a bf16 `dtype`). One rank trains the plain
-module.
+keeps the whole model on every rank (DDP, autocast for a bf16 `dtype`). One rank with `strategy:
+fsdp` is FSDP2 over a 1-rank group (bf16 gathers once per block instead of autocast's per-op casts,
+and the same code path as many GPUs).
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import warnings
 from typing import Iterator
 
 import torch
+import torch.distributed as dist
 from torch import nn
 
 from steadyvla.config import ConfigError, RunConfig
@@ -107,7 +109,7 @@ class AutocastForward(nn.Module):
 def parallelize(model: nn.Module, cfg: RunConfig, env: DistEnv) -> nn.Module:
     """The module the loop's forward runs through. FSDP2 shards `model` in place (its state_dict keys
     stay the VLA's); DDP and autocast wrap it (the caller keeps `model` for state dicts)."""
-    if env.distributed and cfg.strategy == "fsdp":
+    if cfg.strategy == "fsdp" and dist.is_initialized():  # one rank too (train: `one_rank_group`)
         return apply_fsdp(model, cfg, env)
     if env.distributed and cfg.reduce_dtype == "bfloat16":
         train_model = wrap_data_parallel(model, env)

@@ -10,7 +10,6 @@ rank 0 (train/full_checkpointing.py) through the same CheckpointManager as LoRA 
 
 from __future__ import annotations
 
-from collections.abc import Mapping
 from concurrent.futures import Future
 from pathlib import Path
 from typing import Any
@@ -18,12 +17,13 @@ from typing import Any
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
-from torch.distributed.checkpoint.staging import DefaultStager, StagingOptions
 from torch.distributed.checkpoint.state_dict import (
     get_model_state_dict, get_state_dict, set_model_state_dict, set_state_dict,
 )
 
+from steadyvla.checkpoint.dcp_staging import HostStaging
 from steadyvla.checkpoint.dcp_storage import JsonMetadataReader, JsonMetadataWriter
+from steadyvla.checkpoint.state import DeviceCopies
 from steadyvla.checkpoint.layout import DCP_DIR, DCP_MODEL_KEY, DCP_OPTIM_KEY
 
 
@@ -44,41 +44,17 @@ def save_model_optim(state: dict[str, Any], ckpt_dir: Path, process_group=None) 
              no_dist=_single_process())
 
 
-def reusable_stager(device: torch.device) -> DefaultStager:
-    """The stager of one run's async saves. It keeps its host copies between saves (pinned on CUDA, so
-    every save after the first reuses them instead of allocating the whole state again) and copies on
-    a background thread (on CUDA: non-blocking, on a stream of its own), while the next step's
-    forward and backward run; the loop waits for it only before the optimizer changes the weights."""
-    cuda = device.type == "cuda"
-    return DefaultStager(StagingOptions(use_pinned_memory=cuda, use_shared_memory=False, use_async_staging=True,
-                                        use_non_blocking_copy=cuda))
-
-
-def async_save_model_optim(state: dict[str, Any], ckpt_dir: Path, stager: DefaultStager,
-                           process_group=None) -> tuple[Future, Future]:
-    """DCP async save (collective): `stager` copies `state` to host memory in the background, then a
-    background thread writes it. Returns (staged, written): `state`'s tensors must not change before
-    `staged` is done (the next save must wait for `written`: the host copies are reused). On CUDA the
-    caller synchronises the training stream first: the stager's stream does not wait for it."""
-    response = dcp.async_save(plain_containers(state), storage_writer=JsonMetadataWriter(ckpt_dir / DCP_DIR),
-                              process_group=process_group, async_stager=stager, no_dist=_single_process())
-    return response.staging_completion, response.upload_completion
-
-
-def plain_containers(state: Any) -> Any:
-    """`state` with every mapping a dict and every sequence a list or tuple, tensors detached (same
-    storage). The stager deep-copies whatever else it meets through `__reduce_ex__`, and some torch
-    versions then fail on the second save (KeyError: <class 'type'>, their dispatch table cleared by
-    the first); optimizer state dicts hold OrderedDicts."""
-    if isinstance(state, torch.Tensor):
-        return state.detach()
-    if isinstance(state, Mapping):
-        return {key: plain_containers(value) for key, value in state.items()}
-    if isinstance(state, list):
-        return [plain_containers(value) for value in state]
-    if isinstance(state, tuple):
-        return tuple(plain_containers(value) for value in state)
-    return state
+def async_save_model_optim(state: dict[str, Any], ckpt_dir: Path, staging: HostStaging,
+                           process_group=None) -> tuple[DeviceCopies, Future]:
+    """DCP async save (collective): `staging` copies `state` into its reused host buffers (in flight
+    on CUDA), then a background thread writes the copy once it is complete. Returns (copies,
+    written): `state` must not change before `copies.before_update()` (on the device) and the next
+    save must wait for `written` (the host buffers are reused)."""
+    host, copies = staging.stage(state)
+    response = dcp.async_save(host, storage_writer=JsonMetadataWriter(ckpt_dir / DCP_DIR),
+                              process_group=process_group, async_stager=staging.stager(copies),
+                              no_dist=_single_process())
+    return copies, response.upload_completion
 
 
 def load_model_optim(model: torch.nn.Module, optimizer: torch.optim.Optimizer, ckpt_dir: Path) -> None:

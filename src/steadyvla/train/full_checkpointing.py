@@ -5,10 +5,11 @@ A save: rank 0 opens the temporary dir (`CheckpointManager.begin`) and tells eve
 every rank writes its model/optimizer shards into `model_optim/` (DCP); rank 0 then writes
 trainer_state.json / .safetensors (RNG of every rank, data position, scheduler, metrics, hooks) and
 commits (manifest, fsync, rename, `latest`, retention). With `async_save` the shards are copied to
-host buffers reserved at the first save and reused (pinned on CUDA) while the next step computes,
-and written in the background (at most one save in flight, on a process group of its own so it
-never interleaves with training's collectives); rank 0 commits when they are done. The loop waits
-for the copies only before the optimizer next changes the weights (`before_update`).
+host buffers reserved after the first step and reused (pinned on CUDA, checkpoint/dcp_staging.py)
+while the next step computes, and written in the background (at most one save in flight, on a
+process group of its own so it never interleaves with training's collectives); rank 0 commits when
+they are done. The training stream waits for the copies only before the optimizer next changes the
+weights (`before_update`, on the device).
 """
 
 from __future__ import annotations
@@ -23,8 +24,9 @@ from safetensors.torch import load_file, save_file
 
 from steadyvla.checkpoint.async_writer import AsyncCheckpointWriter
 from steadyvla.checkpoint.dcp_io import (
-    async_save_model_optim, load_model_optim, model_optim_state, reusable_stager, save_model_optim,
+    async_save_model_optim, load_model_optim, model_optim_state, save_model_optim,
 )
+from steadyvla.checkpoint.dcp_staging import HostStaging
 from steadyvla.checkpoint.layout import CHECKPOINTS_DIR, TRAINER_STATE_JSON, TRAINER_STATE_TENSORS, step_dir_name
 from steadyvla.checkpoint.manager import CheckpointManager
 from steadyvla.config import RunConfig
@@ -63,19 +65,24 @@ class FullCheckpointer:
         self.group = dist.new_group(backend="gloo") if env.distributed and cfg.async_save else None
         self.committer = AsyncCheckpointWriter(name="steadyvla-full-commit")  # rank 0: wait shards, commit
         self._future = None  # this rank's DCP write in flight
-        self._staged = None  # this rank's host copy in flight
-        self.stager = reusable_stager(torch.device(env.device)) if cfg.async_save else None
+        self._copies = None  # this rank's host copies in flight
+        self.staging = HostStaging(torch.device(env.device)) if cfg.async_save else None
+        self._reserved = False
         self.before_commit: Callable[[], None] = lambda: None  # as TrainerCheckpointer.before_commit
 
     def prepare(self, state: TrainState) -> None:
-        """Loop interface: nothing to reserve up front (the stager keeps the first save's buffers)."""
+        """Loop interface, after every step: once the optimizer has state, reserve the host buffers
+        of every async save (so that no save, the first included, waits for pinning memory)."""
+        if self.staging is not None and not self._reserved:
+            self.staging.reserve(model_optim_state(state.model, state.optimizer))
+            self._reserved = True
 
     def before_update(self) -> None:
-        """Loop interface: the weights and optimizer state change next; the host copy of the save in
-        flight must be complete."""
-        staged, self._staged = self._staged, None
-        if staged is not None:
-            staged.result()
+        """Loop interface: the weights and optimizer state change next; the training stream waits
+        (on the device) for the host copies of the save in flight."""
+        copies, self._copies = self._copies, None
+        if copies is not None:
+            copies.before_update()
 
     def save(self, state: TrainState, *, blocking: bool = False) -> None:
         """Save the state of this optimizer step (every rank calls it)."""
@@ -92,9 +99,7 @@ class FullCheckpointer:
                 self.log(f"saved checkpoint {self._commit(record, tmp, step, name)}")
             barrier(self.env)
             return
-        if torch.device(self.env.device).type == "cuda":
-            torch.cuda.current_stream().synchronize()  # the stager's stream must see this step's update
-        self._staged, future = async_save_model_optim(shards, tmp, self.stager, process_group=self.group)
+        self._copies, future = async_save_model_optim(shards, tmp, self.staging, process_group=self.group)
         if self.env.is_main:
             self.committer.submit(lambda: self._commit(record, tmp, step, name, future), label=name)
         else:

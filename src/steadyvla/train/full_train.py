@@ -3,6 +3,7 @@ data pipeline, loop and checkpoint package as LoRA fine-tuning (train/setup.py).
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 from typing import Callable
 
@@ -11,7 +12,7 @@ from safetensors.torch import load_file
 
 from steadyvla.config import ConfigError, RunConfig
 from steadyvla.data.sampler import DataPosition
-from steadyvla.distributed import DistEnv
+from steadyvla.distributed import DistEnv, one_rank_group
 from steadyvla.model.build import action_tokenizer_for, build_vla, load_tokenizer, model_spec
 from steadyvla.parallel import freeze_parts, parallelize
 from steadyvla.hooks import TrainHook
@@ -46,7 +47,8 @@ def _train_full(cfg: RunConfig, env: DistEnv, log: Callable[[str], None], preemp
             log(f"run already complete: checkpoint step {plan.step} >= max_steps {cfg.max_steps}; nothing to do")
             return LoopResult(plan.step, preempted=False)
         start = record_checked_start(cfg, env, log, run_dir, plan, changes, preemption, lock.ensure())
-        return _run(start, init)
+        with one_rank_group(env) if cfg.strategy == "fsdp" else contextlib.nullcontext():
+            return _run(start, init)
 
 
 def enable_activation_checkpointing(model: torch.nn.Module) -> None:
@@ -112,7 +114,8 @@ def _run(start: Start, init: WeightsInit) -> LoopResult:
         trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
         total = sum(p.numel() for p in model.parameters())
         log(f"fresh start in {start.run_dir}: {len(start.source)} frames, {start.source.num_episodes} episodes; full "
-            f"training ({cfg.strategy if env.distributed else 'one rank'}): {trainable:,} trainable of {total:,} "
+            f"training ({cfg.strategy}, {env.world_size} rank{'s' if env.distributed else ''}): {trainable:,} trainable "
+            f"of {total:,} "
             "parameters")
     checkpointer = FullCheckpointer(start.run_dir, cfg, log, env, start.inputs)
     result = train_on_data(start, state, train_model, checkpointer, tokenizer, spec, action_tokenizer)
