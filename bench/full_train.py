@@ -141,11 +141,13 @@ def summarize(rows: list[dict], warmup: int, batch_size: int) -> dict:
     if timed:
         median = statistics.median(timed)
         out.update(s_per_step=median, samples_per_s=batch_size / median)
-        # what each save cost the run: the time over the median of the step that saved and of the step
-        # after it (its update waits for the save's host copies); its line carries ckpt_blocking_s
+        # what each save cost the run: its blocking time (not part of any step_time_s; the line after
+        # the save carries it) plus the time over the median of the step that saved and of the step
+        # after it (whose update waits for the save's host copies)
         times = {r["step"]: r["step_time_s"] for r in rows if "step_time_s" in r}
-        out["save_stall_s_all"] = [sum(max(0.0, times[s] - median) for s in (r["step"] - 1, r["step"]) if s in times)
-                                   for r in rows if r.get("ckpt_blocking_s") is not None]
+        out["save_stall_s_all"] = [
+            r["ckpt_blocking_s"] + sum(max(0.0, times[s] - median) for s in (r["step"] - 1, r["step"]) if s in times)
+            for r in rows if r.get("ckpt_blocking_s") is not None]
     if blocking:
         out["save_blocking_s"] = statistics.median(blocking)
     for key in ("gpu_peak_alloc_gib", "gpu_peak_reserved_gib", "host_peak_rss_gib"):
