@@ -232,3 +232,19 @@ def test_staged_state_has_only_plain_containers_and_the_same_storage():
         return {type(x)}
 
     assert kinds(plain) <= {dict, list, tuple, float, torch.Tensor}
+
+
+def test_async_save_without_reserved_buffers_copies_before_returning(tmp_path, no_pickle):
+    """The DDP path (no reserved host buffers): DCP's own copy is taken before the call returns, so
+    an update right after it does not reach the checkpoint."""
+    from steadyvla.checkpoint.dcp_io import async_save_model_optim
+    from steadyvla.checkpoint.layout import DCP_DIR
+
+    state = saved_state()
+    copies, written = async_save_model_optim(state, tmp_path, None)
+    assert copies is None
+    state["model"]["w32"].add_(1.0)
+    written.result()
+    loaded = allocated_state()
+    dcp.load(loaded, storage_reader=JsonMetadataReader(tmp_path / DCP_DIR), no_dist=True)
+    assert_bitwise_equal(loaded["model"], saved_state()["model"])

@@ -21,7 +21,7 @@ from torch.distributed.checkpoint.state_dict import (
     get_model_state_dict, get_state_dict, set_model_state_dict, set_state_dict,
 )
 
-from steadyvla.checkpoint.dcp_staging import HostStaging
+from steadyvla.checkpoint.dcp_staging import HostStaging, plain_containers
 from steadyvla.checkpoint.dcp_storage import JsonMetadataReader, JsonMetadataWriter
 from steadyvla.checkpoint.state import DeviceCopies
 from steadyvla.checkpoint.layout import DCP_DIR, DCP_MODEL_KEY, DCP_OPTIM_KEY
@@ -44,16 +44,20 @@ def save_model_optim(state: dict[str, Any], ckpt_dir: Path, process_group=None) 
              no_dist=_single_process())
 
 
-def async_save_model_optim(state: dict[str, Any], ckpt_dir: Path, staging: HostStaging,
-                           process_group=None) -> tuple[DeviceCopies, Future]:
+def async_save_model_optim(state: dict[str, Any], ckpt_dir: Path, staging: HostStaging | None,
+                           process_group=None) -> tuple[DeviceCopies | None, Future]:
     """DCP async save (collective): `staging` copies `state` into its reused host buffers (in flight
     on CUDA), then a background thread writes the copy once it is complete. Returns (copies,
     written): `state` must not change before `copies.before_update()` (on the device) and the next
-    save must wait for `written` (the host buffers are reused)."""
+    save must wait for `written` (the host buffers are reused). Without `staging`, DCP copies the
+    state to fresh host memory before returning (copies None)."""
+    writer = JsonMetadataWriter(ckpt_dir / DCP_DIR)
+    if staging is None:
+        return None, dcp.async_save(plain_containers(state), storage_writer=writer, process_group=process_group,
+                                    no_dist=_single_process())
     host, copies = staging.stage(state)
-    response = dcp.async_save(host, storage_writer=JsonMetadataWriter(ckpt_dir / DCP_DIR),
-                              process_group=process_group, async_stager=staging.stager(copies),
-                              no_dist=_single_process())
+    response = dcp.async_save(host, storage_writer=writer, process_group=process_group,
+                              async_stager=staging.stager(copies), no_dist=_single_process())
     return copies, response.upload_completion
 
 

@@ -66,7 +66,10 @@ class FullCheckpointer:
         self.committer = AsyncCheckpointWriter(name="steadyvla-full-commit")  # rank 0: wait shards, commit
         self._future = None  # this rank's DCP write in flight
         self._copies = None  # this rank's host copies in flight
-        self.staging = HostStaging(torch.device(env.device)) if cfg.async_save else None
+        # reserved host copies of this rank's shards; under DDP every rank would hold the whole
+        # state (22 GB for vla-1b, per rank) for the one copy DCP writes: DCP's transient copy there
+        reserved = cfg.async_save and (cfg.strategy == "fsdp" or not env.distributed)
+        self.staging = HostStaging(torch.device(env.device)) if reserved else None
         self._reserved = False
         self.before_commit: Callable[[], None] = lambda: None  # as TrainerCheckpointer.before_commit
 
