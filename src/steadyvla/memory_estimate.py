@@ -17,6 +17,13 @@ s = sequence length = num_patches + PROMPT_TOKENS, h/i/L/V = LLM hidden/intermed
   Vision towers (their LoRA adapters train, so they keep activations too): (8·d + 2·m) × e per
   block and token (d = width, m = MLP width), for the blocks up to the second-to-last.
   Logits: b·s·V × (2e + 8) (the logits, the shifted slice, float32 copy and its softmax grad).
+- full training (`use_lora: false`): float32 master weights (all parameters, frozen parts too),
+  float32 gradients and AdamW's two moments of the trainable ones, divided by the ranks one copy is
+  sharded over under FSDP; with DDP and a bf16 `dtype`, autocast's bf16 copy of every weight kept
+  for backward. Activations as above without PEFT's float32 copies; with activation checkpointing
+  the ViT blocks keep only their inputs too. Host: a save copies this rank's model + AdamW state
+  (async: into buffers reserved once). Measured on an H100 (vla-1b, batch 8, FSDP on one rank,
+  activation checkpointing): 27.7 GiB peak allocated, the estimate 28.3 (docs/PERFORMANCE.md).
 - the method's probe forward (no grad, eval): every layer's hidden state (output_hidden_states) +
   logits for probe_batch_size × s; it runs between steps, so the peak is max(train, probe).
 - host: the Python/torch/transformers/timm baseline is measured, not modelled (see
@@ -38,6 +45,7 @@ PROMPT_TOKENS = 48  # BOS + "In: What action should the robot take to ...?\nOut:
 LLAMA2_VOCAB = 32001  # Llama-2 tokenizer + <PAD>, for presets whose tokenizer is not at hand
 ADAM_MOMENTS = 2
 LORA_BYTES = 4  # float32 adapters
+MASTER_BYTES = 4  # full training's float32 master weights, gradients and AdamW moments
 PREFETCH_FACTOR = 2  # DataLoader default: batches in flight per worker
 # Measured on CPU with the tiny preset (812 -> 919 MiB RSS): lazily imported code paths, tokenizer,
 # allocator arenas and thread pools that appear with the first model build and step.
@@ -115,7 +123,13 @@ def model_shape(cfg: RunConfig) -> ModelShape:
     spec = model_spec_for(cfg)
     with torch.device("meta"):
         vla = VLA(spec)
-        model = get_peft_model(vla, lora_config(cfg))
+        if cfg.use_lora:
+            model = get_peft_model(vla, lora_config(cfg))
+        else:
+            from steadyvla.parallel import freeze_parts
+
+            freeze_parts(vla, cfg)
+            model = vla
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     base = sum(p.numel() for p in model.parameters()) - trainable
     towers = []
@@ -129,15 +143,18 @@ def model_shape(cfg: RunConfig) -> ModelShape:
                       llm.vocab_size, vla.num_patches, spec.image_size, tuple(towers))
 
 
-def _activations(shape: ModelShape, batch: int, seq: int, e: int, checkpointing: bool) -> int:
+def _activations(shape: ModelShape, batch: int, seq: int, e: int, checkpointing: bool, lora: bool = True) -> int:
     per_layer = (10 * shape.hidden + 4 * shape.intermediate) * e
-    if e < LORA_BYTES:  # PEFT casts each adapted layer's input to its float32 adapters and keeps it
+    if lora and e < LORA_BYTES:  # PEFT casts each adapted layer's input to its float32 adapters and keeps it
         per_layer += (6 * shape.hidden + shape.intermediate) * LORA_BYTES
     if checkpointing:
         llm = batch * seq * (shape.layers * shape.hidden * e + per_layer)
     else:
         llm = batch * seq * shape.layers * per_layer
-    vision = sum(batch * t.tokens * t.blocks * (8 * t.width + 2 * t.mlp_width) * e for t in shape.towers)
+    if checkpointing and not lora:  # full training checkpoints the ViT blocks too
+        vision = sum(batch * t.tokens * (t.blocks * t.width + 8 * t.width + 2 * t.mlp_width) * e for t in shape.towers)
+    else:
+        vision = sum(batch * t.tokens * t.blocks * (8 * t.width + 2 * t.mlp_width) * e for t in shape.towers)
     logits = batch * seq * shape.vocab * (2 * e + 8)
     return llm + vision + logits
 
@@ -148,16 +165,25 @@ def _probe_forward(shape: ModelShape, batch: int, seq: int, e: int) -> int:
 
 
 def estimate_memory(cfg: RunConfig, shape: ModelShape, *, on_gpu: bool, baseline_bytes: int,
-                    world_size: int = 1, fsdp: bool = False, icsm_built: bool = True) -> MemoryEstimate:
-    """Peak bytes per component for `cfg` on one rank (`world_size` ranks on this host)."""
+                    world_size: int = 1, fsdp: bool = False, shards: int | None = None,
+                    icsm_built: bool = True) -> MemoryEstimate:
+    """Peak bytes per component for `cfg` on one rank (`world_size` ranks on this host). With
+    `fsdp`, model state is divided by `shards` (default `world_size`: the ranks one copy is sharded
+    over, which may span hosts)."""
     e = torch.tensor([], dtype=getattr(torch, cfg.dtype)).element_size()
     seq = shape.num_patches + PROMPT_TOKENS
-    shard = world_size if fsdp else 1
-    dev: dict[str, int] = {
-        "weights": shape.base_params * e // shard,
-        "lora + grads + adamw": shape.trainable_params * LORA_BYTES * (2 + ADAM_MOMENTS) // shard,
-    }
-    train_act = _activations(shape, cfg.batch_size, seq, e, cfg.activation_checkpointing)
+    shard = (shards or world_size) if fsdp else 1
+    if cfg.use_lora:
+        dev: dict[str, int] = {
+            "weights": shape.base_params * e // shard,
+            "lora + grads + adamw": shape.trainable_params * LORA_BYTES * (2 + ADAM_MOMENTS) // shard,
+        }
+    else:  # full training: float32 master weights (frozen parts too), float32 gradients and moments
+        dev = {"weights (float32 master)": (shape.base_params + shape.trainable_params) * MASTER_BYTES // shard,
+               "grads + adamw (float32)": shape.trainable_params * MASTER_BYTES * (1 + ADAM_MOMENTS) // shard}
+        if e < MASTER_BYTES and not fsdp:  # autocast keeps each weight's cast for backward
+            dev["autocast weight copies"] = (shape.base_params + shape.trainable_params) * e
+    train_act = _activations(shape, cfg.batch_size, seq, e, cfg.activation_checkpointing, lora=cfg.use_lora)
     if cfg.method_enabled:
         probe_act = _probe_forward(shape, cfg.probe_batch_size, seq, e)
         key = "activations (probe forward is larger)" if probe_act > train_act else "activations"
@@ -180,7 +206,11 @@ def estimate_memory(cfg: RunConfig, shape: ModelShape, *, on_gpu: bool, baseline
     batch_bytes = cfg.batch_size * (6 * shape.image_size ** 2 * 4 + seq * 8 * 3)
     per_rank_host["batches in flight"] = batch_bytes * (1 + PREFETCH_FACTOR * cfg.num_workers)
     per_rank_host["dataloader workers"] = WORKER_BYTES * cfg.num_workers
-    per_rank_host["checkpoint staging (adapter + adamw)"] = shape.trainable_params * LORA_BYTES * (1 + ADAM_MOMENTS)
+    if cfg.use_lora:
+        per_rank_host["checkpoint staging (adapter + adamw)"] = shape.trainable_params * LORA_BYTES * (1 + ADAM_MOMENTS)
+    else:  # a save copies this rank's model + AdamW shards to host memory (async: reserved once)
+        per_rank_host["checkpoint host copy (model + adamw)"] = (
+            (shape.base_params + shape.trainable_params + ADAM_MOMENTS * shape.trainable_params) * MASTER_BYTES // shard)
     if cfg.method_enabled:
         per_rank_host["method: probe images"] = cfg.probe_size * shape.image_size ** 2 * 3
     host = {"python/torch baseline (measured)": baseline_bytes * world_size}

@@ -125,8 +125,9 @@ def run_preflight(cfg: RunConfig, device: torch.device, *, world_size: int = 1, 
     host, gpu = host_memory(), device_free(device)
 
     def estimate(c: RunConfig) -> MemoryEstimate:
-        return estimate_memory(c, shape, on_gpu=on_gpu, baseline_bytes=baseline, world_size=local_ranks,
-                               icsm_built=icsm_built)
+        fsdp = not c.use_lora and c.strategy == "fsdp"  # full training shards model state over its ranks
+        return estimate_memory(c, shape, on_gpu=on_gpu, baseline_bytes=baseline, world_size=local_ranks, fsdp=fsdp,
+                               shards=max(1, world_size // max(1, c.hsdp_replicate_degree)), icsm_built=icsm_built)
 
     est = estimate(cfg)
     resident = host_rss(include_children=False)

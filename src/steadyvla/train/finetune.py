@@ -11,7 +11,7 @@ from steadyvla.config import DEMO_DATASET_NAME, ConfigError, RunConfig  # noqa: 
 from steadyvla.distributed import DistEnv, wrap_data_parallel
 from steadyvla.eval.periodic import PeriodicEvalHook
 from steadyvla.hooks import TrainHook
-from steadyvla.memory_report import Preflight, enforce, preflight_for
+from steadyvla.memory_report import Preflight
 from steadyvla.model.build import action_tokenizer_for, build_vla, load_tokenizer, model_spec, wrap_lora
 from steadyvla.data.sampler import DataPosition
 from steadyvla.train.checkpointing import TrainerCheckpointer, TrainState, load_into
@@ -20,7 +20,7 @@ from steadyvla.train.loop import LoopResult
 from steadyvla.train.optim import build_optimizer, build_scheduler, rebuild_scheduler
 from steadyvla.train.resume import ResumePlan, config_changes, plan_resume
 from steadyvla.train.setup import (  # noqa: F401 - re-exported: cli, doctor, import_legacy and tests use them here
-    SCHEDULE_REBUILT_RECORD, USER_ERRORS, RunDirLock, Start, action_statistics, open_training_data,
+    SCHEDULE_REBUILT_RECORD, USER_ERRORS, RunDirLock, Start, action_statistics, open_training_data, preflight,
     prepare_start, record_checked_start, run_guarded, say, seed_everything, train_on_data, unavailable_settings,
 )
 from steadyvla.train.signals import PreemptionFlag
@@ -39,14 +39,6 @@ def enable_activation_checkpointing(llm: torch.nn.Module) -> None:
     hooks. transformers 5.2x renamed the method (the old name warns)."""
     enable = getattr(llm, "activation_checkpointing_enable", None) or llm.gradient_checkpointing_enable
     enable({"use_reentrant": False})
-
-
-def preflight(cfg: RunConfig, env: DistEnv, log: Callable[[str], None]) -> Preflight:
-    """The memory preflight: stops the start (MemoryWillNotFit, exit 2) when the run will not fit,
-    unless `force`."""
-    report = preflight_for(cfg, env.device, env.world_size)
-    enforce(report, cfg, log)
-    return report
 
 
 def _finetune(cfg: RunConfig, env: DistEnv, log: Callable[[str], None], preemption: PreemptionFlag) -> LoopResult:

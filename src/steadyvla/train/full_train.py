@@ -16,6 +16,7 @@ from steadyvla.distributed import DistEnv, one_rank_group
 from steadyvla.model.build import action_tokenizer_for, build_vla, load_tokenizer, model_spec
 from steadyvla.parallel import freeze_parts, parallelize
 from steadyvla.hooks import TrainHook
+from steadyvla.memory_report import Preflight
 from steadyvla.train.checkpointing import TrainState
 from steadyvla.train.full_checkpointing import FullCheckpointer, load_full_checkpoint
 from steadyvla.train.init_source import WeightsInit, check_resume_position, resume_config, weights_init
@@ -23,7 +24,8 @@ from steadyvla.train.loop import LoopResult
 from steadyvla.train.optim import build_full_optimizer, build_scheduler, rebuild_scheduler
 from steadyvla.train.resume import config_changes, plan_resume
 from steadyvla.train.setup import (
-    RunDirLock, Start, prepare_start, record_checked_start, run_guarded, say, seed_everything, train_on_data,
+    RunDirLock, Start, preflight, prepare_start, record_checked_start, run_guarded, say, seed_everything,
+    train_on_data,
 )
 from steadyvla.train.signals import PreemptionFlag
 
@@ -46,9 +48,10 @@ def _train_full(cfg: RunConfig, env: DistEnv, log: Callable[[str], None], preemp
         if plan.checkpoint is not None and plan.step >= cfg.max_steps:
             log(f"run already complete: checkpoint step {plan.step} >= max_steps {cfg.max_steps}; nothing to do")
             return LoopResult(plan.step, preempted=False)
+        memory = preflight(cfg, env, log)  # before the run dir is created: a refusal writes nothing
         start = record_checked_start(cfg, env, log, run_dir, plan, changes, preemption, lock.ensure())
         with one_rank_group(env) if cfg.strategy == "fsdp" else contextlib.nullcontext():
-            return _run(start, init)
+            return _run(start, init, memory)
 
 
 def enable_activation_checkpointing(model: torch.nn.Module) -> None:
@@ -61,7 +64,7 @@ def enable_activation_checkpointing(model: torch.nn.Module) -> None:
             tower.set_grad_checkpointing(True)
 
 
-def _run(start: Start, init: WeightsInit) -> LoopResult:
+def _run(start: Start, init: WeightsInit, memory: Preflight) -> LoopResult:
     """Build, shard and restore the model, run the loop (the run dir is locked)."""
     cfg, env, log, plan = start.cfg, start.env, start.log, start.plan
     if start.eval_tasks:
@@ -118,6 +121,7 @@ def _run(start: Start, init: WeightsInit) -> LoopResult:
             f"of {total:,} "
             "parameters")
     checkpointer = FullCheckpointer(start.run_dir, cfg, log, env, start.inputs)
-    result = train_on_data(start, state, train_model, checkpointer, tokenizer, spec, action_tokenizer)
+    result = train_on_data(start, state, train_model, checkpointer, tokenizer, spec, action_tokenizer,
+                           memory.estimate)
     result.model = model
     return result

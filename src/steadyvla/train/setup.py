@@ -26,6 +26,7 @@ from steadyvla.data.stats import compute_action_statistics, load_dataset_statist
 from steadyvla.data.transforms import ImageTransform
 from steadyvla.distributed import DistEnv, barrier, init_distributed, shutdown
 from steadyvla.eval.periodic import periodic_eval_tasks, stopped_early_message
+from steadyvla.memory_report import Preflight, enforce, preflight_for
 from steadyvla.model.prompt import PromptBuilder
 from steadyvla.train.checkpointing import TrainState
 from steadyvla.train.loop import LoopResult, run_loop
@@ -248,6 +249,14 @@ def record_checked_start(cfg: RunConfig, env: DistEnv, log: Log, run_dir: Path, 
         if stats_computed:
             write_dataset_statistics(run_dir / DATASET_STATISTICS, all_stats)
     return start
+
+
+def preflight(cfg: RunConfig, env: DistEnv, log: Callable[[str], None]) -> Preflight:
+    """The memory preflight: stops the start (MemoryWillNotFit, exit 2) when the run will not fit,
+    unless `force`."""
+    report = preflight_for(cfg, env.device, env.world_size)
+    enforce(report, cfg, log)
+    return report
 
 
 def train_on_data(start: Start, state: TrainState, train_model: torch.nn.Module, checkpointer: Any, tokenizer,
