@@ -77,3 +77,29 @@ def test_metrics_are_made_durable_before_each_commit_off_the_training_thread(syn
     assert [(on_main, committed) for on_main, committed, _ in calls] == [
         (False, []), (True, ["step-000002"])]
     assert all(lines[-1] >= step for (_, _, lines), step in zip(calls, (2, 4)))
+
+
+def test_a_failed_run_exits_even_when_a_background_thread_would_keep_it_alive(tmp_path):
+    """After the `error:` line the process ends with the error's status, also when a non-daemon thread
+    is stuck (the exit guard's grace period, shortened here)."""
+    import subprocess
+    import sys
+    import time
+
+    script = (
+        "import sys, threading, time\n"
+        "import steadyvla.exit_guard as guard\n"
+        "import steadyvla.cli as cli\n"
+        "guard.EXIT_GRACE_S = 1.0\n"
+        "threading.Thread(target=time.sleep, args=(600,)).start()  # non-daemon, stuck\n"
+        "def broken(args, extra):\n"
+        "    raise RuntimeError('boom')\n"
+        "cli.COMMANDS['plot'] = broken\n"
+        "sys.exit(cli.main(['plot', 'x']))\n")
+    started = time.monotonic()
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 1, done.stderr
+    assert time.monotonic() - started < 30
+    assert "error: RuntimeError: boom" in done.stderr
+    assert "still running 1 s after the error above (a background thread did not stop); exiting with status 1" \
+        in done.stderr

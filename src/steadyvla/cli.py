@@ -15,6 +15,7 @@ from pathlib import Path
 
 from steadyvla.checkpoint.manager import CheckpointError
 from steadyvla.checkpoint.run_lock import RunDirBusy
+from steadyvla.exit_guard import exit_after_error
 from steadyvla.launch import DEFAULT_CONFIGS
 from steadyvla.config import ConfigError, load_config, parse_overrides
 from steadyvla.config_compat import translate_icsm_options
@@ -267,6 +268,7 @@ def main(argv: list[str] | None = None) -> int:
         where = getattr(err, "traceback_file", None)
         hint = f"full traceback in {where}" if where else f"rerun with {DEBUG_FLAG} for the full traceback"
         print(f"error: {type(err).__name__}: {err} ({hint})", file=sys.stderr)
+        exit_after_error(EXIT_FAILURE)
         return EXIT_FAILURE
 
 
