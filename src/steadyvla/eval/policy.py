@@ -17,6 +17,7 @@ from steadyvla.checkpoint.layout import TRAINER_STATE_JSON
 from steadyvla.config import ConfigError
 from steadyvla.eval.inputs import resolve_checkpoint, run_statistics
 from steadyvla.eval.rollout import ActionSource
+from steadyvla.model.base_init import base_init_device
 from steadyvla.model.bundle import VLABundle, load_vla
 from steadyvla.predict import action_stats, predict_action
 
@@ -46,7 +47,9 @@ def _load_adapted(ckpt: Path, vla_path: Path | None, device: str) -> tuple[VLABu
                               f"`{cfg.model_preset}` preset (rebuilt from its seed); leave --vla_path out")
         cfg = dataclasses.replace(cfg, vla_path=str(vla_path))
     tokenizer = load_tokenizer(cfg)
-    base = build_vla(cfg, tokenizer, device)
+    state = json.loads((ckpt / TRAINER_STATE_JSON).read_text())
+    init = None if cfg.vla_path else base_init_device(state, ckpt)
+    base = build_vla(cfg, tokenizer, device, init_device=init)
     with torch.no_grad():
         model = PeftModel.from_pretrained(base, str(ckpt)).merge_and_unload().eval()
     # the spec carries where the run's action bins end (a preset's tokenizer differs from OpenVLA's rule)

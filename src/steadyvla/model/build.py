@@ -71,17 +71,20 @@ def action_tokenizer_for(tokenizer, spec: VLASpec | None = None) -> ActionTokeni
     return ActionTokenizer(vocab_end=int(tokenizer.vocab_size))
 
 
-def build_vla(cfg: RunConfig, tokenizer, device: torch.device | str = "cpu") -> VLA:
+def build_vla(cfg: RunConfig, tokenizer, device: torch.device | str = "cpu",
+              init_device: torch.device | str | None = None) -> VLA:
     """The VLA of `vla_path` (weights streamed onto `device` in `cfg.dtype`), or the preset with
     deterministic random init from `cfg.seed`, built directly on `device` (a 7B model initialised
-    on the CPU takes minutes and 30 GB of host RAM)."""
+    on the CPU takes minutes and 30 GB of host RAM). The init's numbers depend on the device type
+    (CPU and CUDA generators differ): `init_device` draws them where a run's base was drawn
+    (`model.base_init`), then the model moves to `device`."""
     dtype = getattr(torch, cfg.dtype)
     if cfg.vla_path:
         return load_weights(openvla_source(cfg), device, dtype)
     torch.manual_seed(cfg.seed)
-    with torch.device(device):
+    with torch.device(init_device if init_device is not None else device):
         model = VLA(model_spec(cfg, tokenizer))
-    return model.to(dtype=dtype)
+    return model.to(device=device, dtype=dtype)
 
 
 def _target_modules(spec: str) -> str | list[str]:

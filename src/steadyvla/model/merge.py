@@ -21,6 +21,7 @@ from steadyvla.checkpoint.layout import DATASET_STATISTICS, TRAINER_STATE_JSON
 from steadyvla.checkpoint.manager import CheckpointManager
 from steadyvla.config import ConfigError, RunConfig, build_config
 from steadyvla.data.stats import load_dataset_statistics
+from steadyvla.model.base_init import base_init_device
 from steadyvla.model.build import build_vla, load_tokenizer, model_spec, openvla_source
 from steadyvla.model.openvla_config import CONFIG_JSON
 from steadyvla.model.openvla_keys import WEIGHTS_INDEX
@@ -83,7 +84,8 @@ def merge_checkpoint(checkpoint: Path | str, out: Path | str, log: Callable[[str
         max_shard_bytes = max_shard_bytes or _largest_shard_bytes(src)
     else:
         log(f"merging {ckpt} into the seeded `{cfg.model_preset}` preset it was trained from")
-        base = build_vla(cfg, tokenizer, "cpu")
+        state = json.loads((ckpt / TRAINER_STATE_JSON).read_text())
+        base = build_vla(cfg, tokenizer, "cpu", init_device=base_init_device(state, ckpt))
         spec, stats, config, carried = model_spec(cfg, tokenizer), merged_norm_stats({}, run_dir), None, []
     with torch.no_grad():
         merged = PeftModel.from_pretrained(base, str(ckpt)).merge_and_unload()

@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING, Any
 from steadyvla.config import ConfigError, RunConfig
 from steadyvla.data.fingerprint import dataset_fingerprint, fingerprint_differences
 from steadyvla.data.frames import FrameSource
+from steadyvla.model.base_init import BASE_INIT_KEY
 
 if TYPE_CHECKING:  # only for annotations: a baseline run never imports the method
     from steadyvla.method.artifacts import IcsmArtifacts
@@ -26,10 +27,13 @@ NEW_RUN_HINT = "or start a new run (another run_id / run_id_note)"
 
 
 def collect_run_inputs(source: FrameSource, artifacts: IcsmArtifacts | None = None,
-                       probe: ProbeSet | None = None) -> dict[str, Any]:
+                       probe: ProbeSet | None = None, base_init_device: str | None = None) -> dict[str, Any]:
     """Fingerprint of the dataset; with the method, content hash and build settings of the ICSM
-    artifacts and the probe set's hash."""
+    artifacts and the probe set's hash; for a LoRA run of a random-init preset, the device type its
+    base was drawn on (`model.base_init`)."""
     inputs: dict[str, Any] = {DATASET_KEY: dataset_fingerprint(source)}
+    if base_init_device is not None:
+        inputs[BASE_INIT_KEY] = base_init_device
     if artifacts is not None:
         inputs[ICSM_KEY] = {"sha256": artifacts.content_sha256(), "settings": artifacts.build_settings()}
     if probe is not None:
@@ -64,6 +68,11 @@ def check_run_inputs(cfg: RunConfig, checkpoint: Path, state: dict[str, Any], in
             f"{'; built with ' + '; '.join(settings) if settings else ''}. Restore the original artifacts "
             f"(or rebuild them with the checkpoint's settings), {NEW_RUN_HINT}"
         )
+    if BASE_INIT_KEY in stored and BASE_INIT_KEY in inputs and stored[BASE_INIT_KEY] != inputs[BASE_INIT_KEY]:
+        raise ConfigError(
+            f"checkpoint {checkpoint} adapts a base drawn on {stored[BASE_INIT_KEY]!r} from `seed` {cfg.seed}; "
+            f"resuming on {inputs[BASE_INIT_KEY]!r} would rebuild another base (the generators differ). "
+            f"Resume on a {stored[BASE_INIT_KEY]!r} device, {NEW_RUN_HINT}")
     if PROBE_KEY in stored and PROBE_KEY in inputs and stored[PROBE_KEY]["sha256"] != inputs[PROBE_KEY]["sha256"]:
         raise ConfigError(
             f"probe set ({inputs[PROBE_KEY]['origin']}; config fields `probe_jsonl`/`probe_dataset_name`) is not "
