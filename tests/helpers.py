@@ -122,3 +122,16 @@ def assert_same_as_reference(values: dict, reference: tuple[list[dict], dict]) -
     for got, want in zip(rows, ref_rows):
         assert {k: got[k] for k in COMPARED_KEYS} == {k: want[k] for k in COMPARED_KEYS}
     assert_bitwise_equal(checkpoint_tensors(run_dir / "checkpoints" / f"step-{MAX_STEPS:06d}"), ref_tensors)
+
+
+def tiny_lora_run(root: Path, synthetic_root: Path) -> Path:
+    """A finished 2-step LoRA run of the tiny preset on the synthetic dataset (32 px demo images, on
+    this machine's device) under `root`; its run dir (checkpoint at step 2)."""
+    from steadyvla.config import build_config
+    from steadyvla.train.finetune import finetune
+
+    cfg = build_config(dict(data_root_dir=str(synthetic_root), dataset_name="synth", run_root_dir=str(root),
+                            batch_size=4, max_steps=2, save_steps=2, lora_rank=4, learning_rate=3e-2,
+                            progress_bar=False, seed=3, demo_image_size=32))
+    finetune(cfg, log=lambda _m: None)
+    return next(root.iterdir())

@@ -14,6 +14,7 @@ import shutil
 import pytest
 import torch
 
+from helpers import tiny_lora_run
 from steadyvla.config import ConfigError, build_config
 from steadyvla.model.base_init import BASE_INIT_KEY, base_init_device
 from steadyvla.model.build import build_vla, load_tokenizer
@@ -26,14 +27,7 @@ no_cuda = pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refus
 @pytest.fixture(scope="module")
 def preset_run(tmp_path_factory, synthetic_root):
     """A 2-step LoRA run of the tiny preset (on the CPU here) and its checkpoint."""
-    from steadyvla.train.finetune import finetune
-
-    root = tmp_path_factory.mktemp("baseinit")
-    cfg = build_config(dict(data_root_dir=str(synthetic_root), dataset_name="synth", run_root_dir=str(root),
-                            batch_size=4, max_steps=2, save_steps=2, lora_rank=4, learning_rate=3e-2,
-                            progress_bar=False, seed=3, demo_image_size=32))
-    finetune(cfg, log=lambda _m: None)
-    run_dir = next(root.iterdir())
+    run_dir = tiny_lora_run(tmp_path_factory.mktemp("baseinit"), synthetic_root)
     return run_dir, run_dir / "checkpoints" / "step-000002"
 
 

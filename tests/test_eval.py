@@ -9,8 +9,8 @@ import shutil
 import numpy as np
 import pytest
 
-from helpers import run_cli, tree_digest
-from steadyvla.config import ConfigError, build_config
+from helpers import run_cli, tiny_lora_run, tree_digest
+from steadyvla.config import ConfigError
 from steadyvla.eval.report import build_report, default_results_path, wilson_interval
 from steadyvla.eval.rollout import EpisodeResult
 
@@ -29,14 +29,7 @@ TIMING_KEYS = ("timing",)
 @pytest.fixture(scope="module")
 def run_dir(tmp_path_factory, synthetic_root):
     """A 2-step tiny LoRA run on the synthetic 4-d action dataset (demo_image_size 32 px)."""
-    from steadyvla.train.finetune import finetune
-
-    root = tmp_path_factory.mktemp("evalrun")
-    cfg = build_config(dict(data_root_dir=str(synthetic_root), dataset_name="synth", run_root_dir=str(root),
-                            batch_size=4, max_steps=2, save_steps=2, lora_rank=4, learning_rate=3e-2,
-                            progress_bar=False, seed=3, demo_image_size=32))
-    finetune(cfg, log=lambda _m: None)
-    return next(root.iterdir())
+    return tiny_lora_run(tmp_path_factory.mktemp("evalrun"), synthetic_root)
 
 
 def _without_timing(report: dict) -> dict:
