@@ -50,8 +50,7 @@ def _finetune(cfg: RunConfig, env: DistEnv, log: Callable[[str], None], preempti
             log(f"run already complete: checkpoint step {plan.step} >= max_steps {cfg.max_steps}; nothing to do")
             return LoopResult(plan.step, preempted=False)
         memory = preflight(cfg, env, log)  # before the run dir is created: a refusal writes nothing
-        start = record_checked_start(cfg, env, log, run_dir, plan, changes, preemption, lock.ensure(),
-                                     adapter_only=True)
+        start = record_checked_start(cfg, env, log, run_dir, plan, changes, preemption, lock.ensure())
         if start.already_stopped:
             return LoopResult(plan.step, preempted=False, stopped_early=True)
         return _train(start, memory)

@@ -208,11 +208,11 @@ class Start:
 
 
 def record_checked_start(cfg: RunConfig, env: DistEnv, log: Log, run_dir: Path, plan: ResumePlan, changes: dict,
-                         preemption: PreemptionFlag, lock: RunLock | None, adapter_only: bool = False) -> Start:
+                         preemption: PreemptionFlag, lock: RunLock | None) -> Start:
     """Open the data (and the method's artifacts), check a resume's inputs, seed, then (rank 0, only
-    once every check passed) rewind if asked and record the start. The run dir is locked.
-    `adapter_only`: checkpoints hold the LoRA adapter alone, so a preset's base is rebuilt from the seed
-    and where it was drawn is a run input."""
+    once every check passed) rewind if asked and record the start. The run dir is locked. A LoRA
+    checkpoint of a preset holds the adapter alone (the base is rebuilt from the seed), so where the
+    base was drawn is a run input."""
     source = main_rank_first(env, lambda: open_training_data(cfg, log))
     artifacts = probe = None
     if cfg.method_enabled:  # before seeding: building the teacher must not shift the run's RNG
@@ -220,7 +220,7 @@ def record_checked_start(cfg: RunConfig, env: DistEnv, log: Log, run_dir: Path, 
 
         probe = load_probe(cfg, source)
         artifacts = main_rank_first(env, lambda: ensure_icsm(cfg, source, log, probe))
-    base_init = env.device.type if adapter_only and not cfg.vla_path else None
+    base_init = env.device.type if cfg.use_lora and not cfg.vla_path else None
     inputs = collect_run_inputs(source, artifacts, probe, base_init)
     if plan.checkpoint is not None:
         check_resume_inputs(cfg, plan, inputs, changes, log)
