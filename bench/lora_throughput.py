@@ -7,12 +7,14 @@ the JSON is rewritten after every arm):
                    AdamW, loss.item() per step) on a fixed batch, eager
   ref_compiled     the same, every transformer block torch.compile'd (regional)
   step_fast        steadyvla's per-step code (train/step.py) with the fast-path defaults of the device
+                   (on CUDA: compiled blocks replayed as CUDA graphs)
   finetune_e2e     `steadyvla finetune` subprocess on a synthetic LeRobot v3 dataset (num_workers,
                    saves every steps // 2 + at the end), then a resume: time to first step
   step_plain       steadyvla's step with every fast path off
   step_labels_only / step_fused_only / step_compile_only   one fast path on at a time
-  step_cudagraphs  step_fast with `compile_mode: reduce-overhead` (each compiled block a CUDA graph)
-  finetune_e2e_cudagraphs   finetune_e2e with `compile_mode: reduce-overhead`
+  step_no_cudagraphs        step_fast with `compile_mode: default` (compiled blocks, no CUDA graphs)
+  step_max_autotune         step_fast with `compile_mode: max-autotune` (kernel search; long compile)
+  finetune_e2e_no_cudagraphs   finetune_e2e with `compile_mode: default`
 
 `--profile` (default on) adds 3 profiled steps to ref_eager and step_fast and prints the top ops
 by self device time (torch.profiler key_averages); the tables also go into the JSON.
@@ -53,7 +55,8 @@ from steadyvla.model.build import action_tokenizer_for, build_vla, load_tokenize
 from steadyvla.versions import library_versions  # noqa: E402
 
 ALL_ARMS = ("ref_eager", "ref_compiled", "step_fast", "finetune_e2e", "step_plain", "step_lora_dtype_only",
-            "step_labels_only", "step_fused_only", "step_compile_only", "step_cudagraphs", "finetune_e2e_cudagraphs")
+            "step_labels_only", "step_fused_only", "step_compile_only", "step_no_cudagraphs", "finetune_e2e_no_cudagraphs",
+            "step_max_autotune")
 # the fast-path keys of each steadyvla step arm (None = the device's default)
 _OFF = dict(logits_at_labels_only=False, compile_blocks=False, fused_optimizer=False, lora_in_model_dtype=False)
 STEP_ARMS = {
@@ -63,15 +66,17 @@ STEP_ARMS = {
     "step_labels_only": {**_OFF, "logits_at_labels_only": True},
     "step_fused_only": {**_OFF, "fused_optimizer": True},
     "step_compile_only": {**_OFF, "compile_blocks": True},
-    "step_cudagraphs": dict(logits_at_labels_only=True, compile_blocks=True, compile_mode="reduce-overhead",
-                            fused_optimizer=None, lora_in_model_dtype=True),
+    "step_no_cudagraphs": dict(logits_at_labels_only=True, compile_blocks=True, compile_mode="default",
+                               fused_optimizer=None, lora_in_model_dtype=True),
+    "step_max_autotune": dict(logits_at_labels_only=True, compile_blocks=True, compile_mode="max-autotune",
+                              fused_optimizer=None, lora_in_model_dtype=True),
 }
-# steadyvla finetune end to end: the defaults, and with CUDA graphs per block
-E2E_ARMS = {"finetune_e2e": {}, "finetune_e2e_cudagraphs": {"compile_mode": "reduce-overhead"}}
+# steadyvla finetune end to end: the defaults, and without CUDA graphs per block
+E2E_ARMS = {"finetune_e2e": {}, "finetune_e2e_no_cudagraphs": {"compile_mode": "default"}}
 # rough seconds an arm needs on an H100 for the 7B (compile arms: inductor's cache helps the later ones)
 ESTIMATE_S = {"ref_eager": 30, "ref_compiled": 90, "step_fast": 50, "step_plain": 25,
               "finetune_e2e": 150, "step_lora_dtype_only": 25, "step_labels_only": 25, "step_fused_only": 25, "step_compile_only": 45,
-              "step_cudagraphs": 60, "finetune_e2e_cudagraphs": 150}
+              "step_no_cudagraphs": 50, "finetune_e2e_no_cudagraphs": 150, "step_max_autotune": 300}
 PROFILED_ARMS = ("ref_eager", "step_fast")
 PEAK_BF16_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0}  # dense bf16 spec sheets
 

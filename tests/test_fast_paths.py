@@ -118,6 +118,30 @@ def test_compile_mode_reaches_every_block_and_bad_modes_are_refused(monkeypatch)
         build_config({"compile_mode": "fastest"})
 
 
+def test_null_compile_mode_uses_cuda_graphs_only_where_they_are_safe():
+    """null: CUDA graphs for plain LoRA fine-tuning on CUDA with one micro-batch per step; the default
+    mode under gradient accumulation, the method, periodic evaluation, full training and on CPU."""
+    from steadyvla.config import ConfigError
+    from steadyvla.train.fast_paths import resolved_compile_mode, uses_cuda_graphs
+
+    plain = build_config({})
+    assert plain.compile_mode is None
+    assert resolved_compile_mode(plain, "cuda") == "reduce-overhead" and uses_cuda_graphs(plain, "cuda:0")
+    assert resolved_compile_mode(plain, "cpu") == "default" and not uses_cuda_graphs(plain, "cpu")
+    for unsafe in ({"grad_accumulation_steps": 2}, {"method_enabled": True}, {"enable_periodic_eval": True},
+                   {"use_lora": False}):
+        cfg = build_config(unsafe)
+        assert resolved_compile_mode(cfg, "cuda") == "default", unsafe
+        assert not uses_cuda_graphs(cfg, "cuda")
+    assert not uses_cuda_graphs(build_config({"compile_blocks": False}), "cuda")
+    assert resolved_compile_mode(build_config({"compile_mode": "default"}), "cuda") == "default"
+    for graphs in ("reduce-overhead", "max-autotune"):
+        assert uses_cuda_graphs(build_config({"compile_mode": graphs}), "cuda")
+        with pytest.raises(ConfigError, match=r"compile_mode.*grad_accumulation_steps: 1.*got 4"):
+            build_config({"compile_mode": graphs, "grad_accumulation_steps": 4})
+    build_config({"compile_mode": "max-autotune-no-cudagraphs", "grad_accumulation_steps": 4})  # no graphs: fine
+
+
 def test_fast_path_defaults_follow_the_device():
     cfg = build_config({})
     assert cfg.logits_at_labels_only is True and cfg.compile_blocks is None and cfg.fused_optimizer is None

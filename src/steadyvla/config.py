@@ -114,6 +114,9 @@ def critical_values(values: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+# torch.compile modes that capture CUDA graphs (their outputs are overwritten by the next replay).
+CUDA_GRAPH_COMPILE_MODES: tuple[str, ...] = ("reduce-overhead", "max-autotune")
+NULLABLE_CHOICES = frozenset({"compile_mode"})  # null: chosen at run time (train/fast_paths.py)
 CHOICES: dict[str, tuple[str, ...]] = {
     "lr_scheduler": ("none", "cosine"),
     "model_preset": ("tiny", "openvla-7b", "vla-1b"),
@@ -121,7 +124,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "reduce_dtype": ("float32", "bfloat16"),
     "strategy": ("fsdp", "ddp"),
     "icsm_split": ("ranked", "extremes"),
-    "compile_mode": ("default", "reduce-overhead", "max-autotune-no-cudagraphs"),
+    "compile_mode": ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"),
 }
 
 
@@ -165,7 +168,9 @@ class RunConfig:
     # resume-critical; docs/PERFORMANCE.md measures them)
     logits_at_labels_only: bool = True  # LM head + loss only at text positions, never at the 256 patches
     compile_blocks: bool | None = None  # torch.compile each decoder/ViT block; null = on CUDA, off on CPU
-    compile_mode: str = "default"  # torch.compile mode of the blocks; reduce-overhead = CUDA graphs per block
+    # torch.compile mode of the blocks (reduce-overhead, max-autotune: CUDA graphs per block); null =
+    # reduce-overhead where CUDA graphs are known safe, else default (train/fast_paths.py)
+    compile_mode: str | None = None
     fused_optimizer: bool | None = None  # fused AdamW + foreach grad clipping; null = on CUDA, off on CPU
     lora_in_model_dtype: bool = True  # LoRA matmuls in the model's dtype (bf16), fp32 master weights kept
     # --- LoRA
@@ -332,7 +337,7 @@ def _type_name(annotation: Any) -> str:
 def _validate(cfg: RunConfig) -> None:
     for key, allowed in CHOICES.items():
         value = getattr(cfg, key)
-        if value not in allowed:
+        if value not in allowed and not (value is None and key in NULLABLE_CHOICES):
             raise ConfigError(f"config field `{key}`: {value!r} is not one of {', '.join(allowed)}")
     positive = ("batch_size", "grad_accumulation_steps", "max_steps", "save_steps", "lora_rank",
                 "log_every_steps", "probe_batch_size", "thermostat_update_interval", "probe_size", "icsm_rank",
@@ -367,6 +372,12 @@ def _validate(cfg: RunConfig) -> None:
             f"config field `min_learning_rate`: {cfg.min_learning_rate} must be in [0, learning_rate={cfg.learning_rate}]"
         )
     _validate_eval(cfg)
+    if cfg.compile_mode in CUDA_GRAPH_COMPILE_MODES and cfg.grad_accumulation_steps > 1:
+        raise ConfigError(
+            f"config field `compile_mode`: {cfg.compile_mode!r} replays CUDA graphs, and the next micro-batch's "
+            f"replay overwrites the gradients the previous one left (pytorch/pytorch#169545: silently wrong "
+            f"gradients); it needs `grad_accumulation_steps: 1` (got {cfg.grad_accumulation_steps}). Use "
+            "compile_mode: default, or leave it null to have the fastest safe mode chosen")
     if cfg.keep_last_k is not None and cfg.keep_last_k < 1:
         raise ConfigError(f"config field `keep_last_k`: {cfg.keep_last_k} must be >= 1 or null")
     if cfg.resume_global_step is not None and cfg.resume_global_step < 0:

@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from steadyvla.config import RunConfig
+from steadyvla.config import CUDA_GRAPH_COMPILE_MODES, RunConfig
 
 # Class names of the blocks compiled one by one (HF Llama decoder layer, timm ViT block).
 COMPILED_BLOCK_TYPES = ("LlamaDecoderLayer", "Block")
@@ -34,6 +34,24 @@ def compile_enabled(cfg: RunConfig, device: torch.device | str) -> bool:
 def fused_enabled(cfg: RunConfig, device: torch.device | str) -> bool:
     """`fused_optimizer`, with null meaning: on CUDA only."""
     return cfg.fused_optimizer if cfg.fused_optimizer is not None else on_cuda(device)
+
+
+def resolved_compile_mode(cfg: RunConfig, device: torch.device | str) -> str:
+    """`compile_mode`, with null meaning: `reduce-overhead` (a CUDA graph per block) for plain LoRA
+    fine-tuning on CUDA with one micro-batch per step, the setting it was measured and checked in;
+    `default` otherwise (gradient accumulation breaks CUDA graphs, pytorch/pytorch#169545; the
+    method's probes and periodic evaluation run the blocks in other modes and shapes)."""
+    if cfg.compile_mode is not None:
+        return cfg.compile_mode
+    graphs_safe = (on_cuda(device) and cfg.use_lora and cfg.grad_accumulation_steps == 1
+                   and not cfg.method_enabled and not cfg.enable_periodic_eval)
+    return "reduce-overhead" if graphs_safe else "default"
+
+
+def uses_cuda_graphs(cfg: RunConfig, device: torch.device | str) -> bool:
+    """Whether the compiled blocks replay CUDA graphs (then every micro-batch starts a new graph step)."""
+    return (compile_enabled(cfg, device) and on_cuda(device)
+            and resolved_compile_mode(cfg, device) in CUDA_GRAPH_COMPILE_MODES)
 
 
 def compile_blocks(model: nn.Module, mode: str = "default") -> int:
@@ -100,8 +118,9 @@ def apply_fast_paths(model: nn.Module, cfg: RunConfig, device: torch.device | st
     if cfg.lora_in_model_dtype and (changed := lora_in_model_dtype(model)):
         applied.append(f"lora_in_model_dtype ({changed} projections)")
     if compile_enabled(cfg, device):
-        mode = "" if cfg.compile_mode == "default" else f", mode {cfg.compile_mode}"
-        applied.append(f"compile_blocks ({compile_blocks(vla, cfg.compile_mode)} blocks{mode})")
+        compile_mode = resolved_compile_mode(cfg, device)
+        mode = "" if compile_mode == "default" else f", mode {compile_mode}"
+        applied.append(f"compile_blocks ({compile_blocks(vla, compile_mode)} blocks{mode})")
     if fused_enabled(cfg, device):
         applied.append("fused_optimizer")
     return applied

@@ -18,6 +18,7 @@ from steadyvla.faults import fault_point
 from steadyvla.model.action_tokenizer import ActionTokenizer
 from steadyvla.parallel import gradient_sync
 from steadyvla.train.checkpointing import TrainState
+from steadyvla.train.fast_paths import uses_cuda_graphs
 from steadyvla.train.metrics import action_metrics, mean_metrics
 
 MODEL_INPUTS = ("input_ids", "attention_mask", "pixel_values", "labels")
@@ -38,13 +39,14 @@ def accumulate_gradients(cfg: RunConfig, state: TrainState, batches: Iterator[di
     for hook in state.hooks:
         hook.on_step_start(step)
     micro = []
+    cuda_graphs = uses_cuda_graphs(cfg, env.device)
     for i in range(cfg.grad_accumulation_steps):
         batch = next(batches)
         state.data_position = sampler.advance(state.data_position)
         inputs = to_device(batch, env.device)
         last = i == cfg.grad_accumulation_steps - 1
         # DDP / FSDP reduce gradients only on the last micro-batch of the step
-        if cfg.compile_mode == "reduce-overhead":
+        if cuda_graphs:
             torch.compiler.cudagraph_mark_step_begin()  # the last micro-batch's graph outputs are dead
         with gradient_sync(train_model, last or not env.distributed):
             output = train_model(**inputs)
