@@ -24,6 +24,8 @@ s = sequence length = num_patches + PROMPT_TOKENS, h/i/L/V = LLM hidden/intermed
   the ViT blocks keep only their inputs too. Host: a save copies this rank's model + AdamW state
   (async: into buffers reserved once). Measured on an H100 (vla-1b, batch 8, FSDP on one rank,
   activation checkpointing): 27.7 GiB peak allocated, the estimate 28.3 (docs/PERFORMANCE.md).
+- LoRA saves: adapter + AdamW moments are gathered in a flat device buffer (trainable × 4 × 3) before
+  one copy per dtype to pinned host memory of the same size (checkpoint/flat_staging.py).
 - the method's probe forward (no grad, eval): every layer's hidden state (output_hidden_states) +
   logits for probe_batch_size × s; it runs between steps, so the peak is max(train, probe).
 - host: the Python/torch/transformers/timm baseline is measured, not modelled (see
@@ -191,6 +193,8 @@ def estimate_memory(cfg: RunConfig, shape: ModelShape, *, on_gpu: bool, baseline
         dev["method: teacher covariance + subspaces"] = 3 * len(cfg.hsw_layer_ids or range(4)) * shape.hidden ** 2 * 4
     else:
         dev["activations"] = train_act
+    if on_gpu and cfg.use_lora:  # every save gathers adapter + AdamW here first (checkpoint/flat_staging.py)
+        dev["checkpoint staging (adapter + adamw)"] = shape.trainable_params * LORA_BYTES * (1 + ADAM_MOMENTS)
     if on_gpu:
         dev["allocator reserve"] = int(sum(dev.values()) * (GPU_RESERVE_FACTOR - 1))
     per_rank_host: dict[str, int] = {}

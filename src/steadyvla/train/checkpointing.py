@@ -18,14 +18,15 @@ from peft import PeftModel, get_peft_model_state_dict, set_peft_model_state_dict
 from safetensors.torch import load_file, save_file
 
 from steadyvla.checkpoint.async_writer import AsyncCheckpointWriter
+from steadyvla.checkpoint.flat_staging import FlatStaging
 from steadyvla.checkpoint.layout import (
     ADAPTER_CONFIG, ADAPTER_WEIGHTS, CHECKPOINTS_DIR, LATEST_FILE, TRAINER_STATE_JSON, TRAINER_STATE_TENSORS,
     step_dir_name,
 )
 from steadyvla.checkpoint.manager import CheckpointManager
 from steadyvla.checkpoint.state import (
-    DeviceCopies, cpu_copy, pinned_buffer, reserve_optimizer_buffers, restore_optimizer, restore_rng, select_prefix,
-    snapshot_optimizer, snapshot_rng, snapshot_tensors, wait_for_copies,
+    DeviceCopies, cpu_copy, optimizer_state, restore_optimizer, restore_rng, select_prefix, snapshot_rng,
+    snapshot_tensors, wait_for_copies,
 )
 from steadyvla.config import RunConfig
 from steadyvla.data.sampler import DataPosition
@@ -72,26 +73,42 @@ class Snapshot:
 
 def take_snapshot(state: TrainState, cfg: RunConfig, env: DistEnv = DistEnv(),
                   inputs: dict[str, Any] | None = None,
-                  adapter_view: dict[str, torch.Tensor] | None = None) -> Snapshot | None:
+                  adapter_view: dict[str, torch.Tensor] | None = None,
+                  staging: FlatStaging | None = None) -> Snapshot | None:
     """Copy all state to CPU (blocking part of a save). Collective: every rank calls it; rank 0
     gets the snapshot (with every rank's RNG), the others None. `inputs` (dataset fingerprint,
     ICSM hash; see run_inputs) is stored so a resume can check them. `adapter_view`: the adapter
-    state dict as live views of the parameters (`adapter_views`), to skip walking the model."""
+    state dict as live views of the parameters (`adapter_views`), to skip walking the model.
+    `staging`: buffers reserved for the adapter + optimizer tensors (`snapshot_staging`); used
+    when they still match, else each tensor is copied on its own."""
     record = trainer_record(state, cfg, env, inputs)
     if record is None:
         return None
     tensors, meta = record
+    live, meta["optimizer"] = _live_state(state, adapter_view)
     copies = DeviceCopies(_param_device(state.model))
     with copies:  # adapter and optimizer state: on the side stream, overlapping the next step
-        peft_state = adapter_view if adapter_view is not None else _adapter_state(state.model)
-        adapter = {k: cpu_copy(v, _adapter_key(k)) for k, v in peft_state.items()}
-        optim_tensors, optim_meta = snapshot_optimizer(state.optimizer)
+        if staging is not None and staging.matches(live):
+            host = staging.copy(live)
+        else:
+            host = {name: {key: cpu_copy(v, f"{name}.{key}") for key, v in part.items()} for name, part in live.items()}
     copies.mark_current_stream()  # hook state was copied on the training stream: hooks may change it next step
-    tensors.update(optim_tensors)
-    meta["optimizer"] = optim_meta
+    tensors.update(host[_OPTIMIZER])
     keep_steps = frozenset(step for hook in state.hooks for step in hook.protected_steps())
     adapter_config = copy.deepcopy(state.model.peft_config["default"])
-    return Snapshot(state.global_step, adapter, adapter_config, tensors, meta, keep_steps, copies)
+    return Snapshot(state.global_step, host[_ADAPTER], adapter_config, tensors, meta, keep_steps, copies)
+
+
+_ADAPTER, _OPTIMIZER = "adapter", "optimizer"  # the sections a save copies from the device
+
+
+def _live_state(state: TrainState, adapter_view: dict[str, torch.Tensor] | None
+                ) -> tuple[dict[str, dict[str, torch.Tensor]], dict[str, Any]]:
+    """The live tensors a save copies, by section (adapter keyed as PEFT saves it, optimizer keyed
+    `optim.*`), and the optimizer's JSON part."""
+    peft_state = adapter_view if adapter_view is not None else _adapter_state(state.model)
+    optim_tensors, optim_meta = optimizer_state(state.optimizer)
+    return {_ADAPTER: peft_state, _OPTIMIZER: optim_tensors}, optim_meta
 
 
 def trainer_record(state: TrainState, cfg: RunConfig, env: DistEnv = DistEnv(),
@@ -144,18 +161,12 @@ def adapter_views(model: PeftModel) -> dict[str, torch.Tensor] | None:
     return state if all(t.data_ptr() in params for t in state.values()) else None
 
 
-def reserve_snapshot_buffers(state: TrainState) -> None:
-    """Allocate the pinned host buffers of every save up front (once the optimizer has state), so
-    no save, the first included, pays for pinning memory while training waits."""
-    for key, value in _adapter_state(state.model).items():
-        if value.is_cuda:
-            pinned_buffer(_adapter_key(key), value)
-    reserve_optimizer_buffers(state.optimizer)
+def snapshot_staging(state: TrainState, adapter_view: dict[str, torch.Tensor] | None = None) -> FlatStaging:
+    """Reserve every save's buffers up front (once the optimizer has state): pinned host memory
+    and, on CUDA, the flat device buffers the copies are gathered in, so that no save, the first
+    included, allocates while training waits."""
     library_versions()  # cached after the first call
-
-
-def _adapter_key(name: str) -> str:
-    return f"adapter.{name}"
+    return FlatStaging(_live_state(state, adapter_view)[0])
 
 
 def _param_device(model: torch.nn.Module) -> torch.device | None:
@@ -243,7 +254,7 @@ class TrainerCheckpointer:
         self.log = log
         self._pending: Snapshot | None = None  # submitted to the writer, not yet known to be written
         self._copies: DeviceCopies | None = None  # of the last snapshot, until the next update waited for them
-        self._reserved = False
+        self._staging: FlatStaging | None = None  # set by `prepare`
         self._adapter_view: dict[str, torch.Tensor] | None = None  # set by `prepare`
         # run before a checkpoint is committed, on the thread that commits it: the loop sets it to
         # make metrics.jsonl durable first (an fsync kept off the training thread)
@@ -252,11 +263,10 @@ class TrainerCheckpointer:
     def prepare(self, state: TrainState) -> None:
         """Once the optimizer has state (after the first update): allocate every save's pinned host
         buffers now, so that no save blocks on it. Cheap after the first call."""
-        if self._reserved or not self.env.is_main:
+        if self._staging is not None or not self.env.is_main:
             return
-        reserve_snapshot_buffers(state)
         self._adapter_view = adapter_views(state.model)
-        self._reserved = True
+        self._staging = snapshot_staging(state, self._adapter_view)
 
     def before_update(self) -> None:
         """Before the optimizer changes parameters and moments: the training stream waits (on the
@@ -269,7 +279,7 @@ class TrainerCheckpointer:
         """Snapshot now; write now (blocking) or on the background thread. Every rank calls it
         (the RNG gather is collective); only rank 0 writes."""
         self.wait()  # never two saves in flight; the snapshot reuses host buffers
-        snapshot = take_snapshot(state, self.cfg, self.env, self.inputs, self._adapter_view)
+        snapshot = take_snapshot(state, self.cfg, self.env, self.inputs, self._adapter_view, self._staging)
         if snapshot is None:
             return
         self._copies = snapshot.copies
