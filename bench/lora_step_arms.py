@@ -36,9 +36,7 @@ from steadyvla.data.sampler import DataPosition, ResumableBatchSampler
 from steadyvla.model.action_tokenizer import ActionTokenizer
 from steadyvla.model.prompt import IGNORE_INDEX, PromptBuilder
 from steadyvla.train.checkpointing import TrainState
-from steadyvla.train.fast_paths import (
-    compile_blocks, compile_enabled, fused_enabled, lora_in_model_dtype, resolved_compile_mode,
-)
+from steadyvla.train.fast_paths import apply_fast_paths, compile_blocks, fused_enabled
 from steadyvla.train.metrics import read_metrics_values
 from steadyvla.train.optim import build_optimizer, build_scheduler
 from steadyvla.train.step import accumulate_gradients, apply_update, finish_step
@@ -176,12 +174,7 @@ def run_steadyvla_step(model: nn.Module, cfg: RunConfig, batch: dict[str, torch.
     its metrics lines), clipping, AdamW, scheduler. Returns (per-step seconds, first-step seconds)."""
     from steadyvla.distributed import DistEnv
 
-    vla = model.get_base_model()
-    vla.text_logits_only = cfg.logits_at_labels_only
-    if cfg.lora_in_model_dtype:
-        lora_in_model_dtype(model)
-    if compile_enabled(cfg, device):
-        compile_blocks(vla, resolved_compile_mode(cfg, device))
+    apply_fast_paths(model, cfg, device)
     optimizer = build_optimizer(model, cfg, fused=fused_enabled(cfg, device))
     state = TrainState(model, optimizer, build_scheduler(optimizer, cfg), DataPosition())
     sampler = ResumableBatchSampler(10_000, batch["input_ids"].shape[0], seed=0)
