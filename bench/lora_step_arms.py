@@ -163,7 +163,7 @@ def run_reference(model: nn.Module, cfg: RunConfig, batch: dict[str, torch.Tenso
         return _timed(one_step, device, warmup, steps, profile)
     finally:
         del optimizer
-        uncompile(vla)
+        uncompile(model.get_base_model())
 
 
 def run_steadyvla_step(model: nn.Module, cfg: RunConfig, batch: dict[str, torch.Tensor], device: torch.device,
@@ -199,7 +199,7 @@ def run_steadyvla_step(model: nn.Module, cfg: RunConfig, batch: dict[str, torch.
         return times, first
     finally:
         del optimizer, state
-        uncompile(vla)
+        uncompile(model.get_base_model())
 
 
 def _timed(one_step: Callable[[], None], device: torch.device, warmup: int, steps: int,

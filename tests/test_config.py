@@ -1,4 +1,7 @@
+import os
+
 import pytest
+import torch
 
 from steadyvla.cli import main
 from steadyvla.config import ConfigError, build_config, load_config, parse_overrides
@@ -80,3 +83,17 @@ def test_yaml_that_does_not_parse_is_one_error_line(tmp_path, capsys):
     err = capsys.readouterr().err
     assert err.startswith("error: --config") and err.count("\n") == 1
     assert not (tmp_path / "runs").exists()
+
+
+def test_deterministic_switches_torch_to_deterministic_kernels(monkeypatch):
+    from steadyvla.train.setup import CUBLAS_DETERMINISTIC_WORKSPACE, use_deterministic_kernels
+
+    monkeypatch.delenv("CUBLAS_WORKSPACE_CONFIG", raising=False)
+    use_deterministic_kernels(build_config({}))
+    assert not torch.are_deterministic_algorithms_enabled()
+    try:
+        use_deterministic_kernels(build_config({"deterministic": True}))
+        assert torch.are_deterministic_algorithms_enabled()
+        assert os.environ["CUBLAS_WORKSPACE_CONFIG"] == CUBLAS_DETERMINISTIC_WORKSPACE
+    finally:
+        torch.use_deterministic_algorithms(False)

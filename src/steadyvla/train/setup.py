@@ -4,6 +4,7 @@ start record, and the data pipeline + loop once the model and its state are buil
 
 from __future__ import annotations
 
+import os
 import random
 from dataclasses import dataclass
 from pathlib import Path
@@ -120,9 +121,23 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
+# cuBLAS repeats its results bit for bit only with a fixed workspace layout (NVIDIA's documented value)
+CUBLAS_DETERMINISTIC_WORKSPACE = ":4096:8"
+
+
+def use_deterministic_kernels(cfg: RunConfig) -> None:
+    """`deterministic: true`: only deterministic CUDA kernels (attention backward without atomics,
+    cuBLAS with a fixed workspace), so two runs, or a run and its resume, agree bit for bit on the
+    GPU too. Call before the first CUDA matmul."""
+    if cfg.deterministic:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", CUBLAS_DETERMINISTIC_WORKSPACE)
+        torch.use_deterministic_algorithms(True)
+
+
 def run_guarded(cfg: RunConfig, body: Callable[[DistEnv, Log, PreemptionFlag], T], log: Log = say) -> T:
     """Start the process group, catch preemption signals from the very start (honoured after the
     first step, not fatal), run `body`, record an unexpected failure's traceback in the run dir."""
+    use_deterministic_kernels(cfg)
     env = init_distributed()
     preemption = PreemptionFlag().install()
     try:
