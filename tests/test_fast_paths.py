@@ -147,8 +147,7 @@ def test_fast_path_defaults_follow_the_device():
     assert cfg.logits_at_labels_only is True and cfg.compile_blocks is None and cfg.fused_optimizer is None
     assert not compile_enabled(cfg, "cpu") and compile_enabled(cfg, "cuda")
     assert not fused_enabled(cfg, "cpu") and fused_enabled(cfg, "cuda")
-    off = build_config({"compile_blocks": False, "fused_optimizer": False, "logits_at_labels_only": False,
-                        "lora_fused_matmul": False})
+    off = build_config({"compile_blocks": False, "fused_optimizer": False, "logits_at_labels_only": False})
     assert not compile_enabled(off, "cuda") and not fused_enabled(off, "cuda")
     _cfg, _tok, model, _ = _tiny()
     assert apply_fast_paths(model, off, "cpu") == [] and model.get_base_model().text_logits_only is False
@@ -178,9 +177,9 @@ def test_fused_adamw_and_foreach_clipping_match_the_plain_update():
 
 def _fast_values(synthetic_root, run_root) -> dict:
     # every fast path that runs on a CPU: label-position logits (default), fused AdamW + foreach clipping,
-    # LoRA in the model's dtype (a bf16 model), LoRA fused into the base matmuls (no dropout)
+    # LoRA in the model's dtype (a bf16 model), LoRA fused into the base matmuls (opt-in; no dropout)
     return resume_values(synthetic_root, run_root, fused_optimizer=True, logits_at_labels_only=True, dtype="bfloat16",
-                         lora_dropout=0.0)
+                         lora_dropout=0.0, lora_fused_matmul=True)
 
 
 def test_kill_9_and_resume_with_fast_paths_on_is_bit_exact(synthetic_root, tmp_path):

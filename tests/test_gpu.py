@@ -19,15 +19,15 @@ FINAL = f"{CHECKPOINTS_DIR}/step-000008"
 
 
 def _values(synthetic_root: Path, tmp_path: Path, kind: str) -> dict:
-    """`cuda_graphs`: one micro-batch per step and no LoRA dropout, so the defaults replay each block
-    as a CUDA graph and fuse the LoRA layers into their base matmuls; `deterministic`: the same with
-    deterministic kernels only."""
+    """`cuda_graphs`: one micro-batch per step, so the defaults replay each block as a CUDA graph;
+    with the opt-in fused LoRA layers (no LoRA dropout). `deterministic`: the same with deterministic
+    kernels only."""
     graphs = kind in ("cuda_graphs", "deterministic")
     values = dict(data_root_dir=str(synthetic_root), dataset_name="synth", run_root_dir=str(tmp_path / "runs"),
                   run_id="gpu", batch_size=4, grad_accumulation_steps=1 if graphs else 2, max_steps=8,
                   save_steps=2, lora_rank=8, learning_rate=0.005, lr_scheduler="cosine", lr_warmup_steps=2,
                   image_aug=True, lora_dropout=0.0 if graphs else 0.1, progress_bar=False, seed=5,
-                  deterministic=kind == "deterministic")
+                  deterministic=kind == "deterministic", lora_fused_matmul=graphs)
     if kind == "method":
         values.update(method_enabled=True, probe_size=16, icsm_rank=8, icsm_sensitivity_samples=8,
                       thermostat_warmup_steps=2, thermostat_update_interval=2, icms_artifact_dir=str(tmp_path / "icsm"))

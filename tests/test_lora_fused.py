@@ -78,14 +78,15 @@ def test_fused_bf16_model_matches_peft_within_bf16_round_off():
         assert cos > 0.99, (name, float(cos))
 
 
-def test_layers_with_dropout_keep_peft_forward_and_the_key_switches_it_off():
+def test_layers_with_dropout_keep_peft_forward_and_the_key_switches_it_on():
     cfg, _tok, model, _ = _tiny(lora_dropout=0.1)
     assert fuse_lora_matmuls(model) == 0
     cfg, _tok, model, _ = _tiny()
-    assert not any("lora_fused_matmul" in f for f in apply_fast_paths(model, build_config({"lora_fused_matmul": False}), "cpu"))
+    assert not any("lora_fused_matmul" in f for f in apply_fast_paths(model, build_config({}), "cpu"))  # opt-in
     assert not any(isinstance(m, FusedLoraLinearMixin) for m in model.modules())
     cfg, _tok, model, _ = _tiny()
-    assert any(f.startswith("lora_fused_matmul (") for f in apply_fast_paths(model, build_config({}), "cpu"))
+    on = build_config({"lora_fused_matmul": True})
+    assert any(f.startswith("lora_fused_matmul (") for f in apply_fast_paths(model, on, "cpu"))
 
 
 def cfg_image_size(cfg) -> int:
