@@ -15,7 +15,6 @@ the JSON is rewritten after every arm):
   step_no_cudagraphs        step_fast with `compile_mode: default` (compiled blocks, no CUDA graphs)
   step_max_autotune         step_fast with `compile_mode: max-autotune` (kernel search; long compile)
   finetune_e2e_no_cudagraphs   finetune_e2e with `compile_mode: default`
-  step_fused_lora           step_fast with `lora_fused_matmul: true` (LoRA sums in the base matmul)
 
 `--profile` (default on) adds 3 profiled steps to ref_eager and step_fast and prints the top ops
 by self device time (torch.profiler key_averages); the tables also go into the JSON.
@@ -57,15 +56,11 @@ from steadyvla.versions import library_versions  # noqa: E402
 
 ALL_ARMS = ("ref_eager", "ref_compiled", "step_fast", "finetune_e2e", "step_plain", "step_lora_dtype_only",
             "step_labels_only", "step_fused_only", "step_compile_only", "step_no_cudagraphs", "finetune_e2e_no_cudagraphs",
-            "step_max_autotune", "step_fused_lora")
+            "step_max_autotune")
 # the fast-path keys of each steadyvla step arm (None = the device's default)
-_OFF = dict(logits_at_labels_only=False, compile_blocks=False, fused_optimizer=False, lora_in_model_dtype=False,
-            lora_fused_matmul=False)
+_OFF = dict(logits_at_labels_only=False, compile_blocks=False, fused_optimizer=False, lora_in_model_dtype=False)
 STEP_ARMS = {
-    "step_fast": dict(logits_at_labels_only=True, compile_blocks=None, fused_optimizer=None, lora_in_model_dtype=True,
-                      lora_fused_matmul=False),
-    "step_fused_lora": dict(logits_at_labels_only=True, compile_blocks=None, fused_optimizer=None,
-                            lora_in_model_dtype=True, lora_fused_matmul=True),
+    "step_fast": dict(logits_at_labels_only=True, compile_blocks=None, fused_optimizer=None, lora_in_model_dtype=True),
     "step_plain": _OFF,
     "step_lora_dtype_only": {**_OFF, "lora_in_model_dtype": True},
     "step_labels_only": {**_OFF, "logits_at_labels_only": True},
@@ -81,7 +76,7 @@ E2E_ARMS = {"finetune_e2e": {}, "finetune_e2e_no_cudagraphs": {"compile_mode": "
 # rough seconds an arm needs on an H100 for the 7B (compile arms: inductor's cache helps the later ones)
 ESTIMATE_S = {"ref_eager": 30, "ref_compiled": 90, "step_fast": 50, "step_plain": 25,
               "finetune_e2e": 150, "step_lora_dtype_only": 25, "step_labels_only": 25, "step_fused_only": 25, "step_compile_only": 45,
-              "step_no_cudagraphs": 50, "finetune_e2e_no_cudagraphs": 150, "step_max_autotune": 300, "step_fused_lora": 40}
+              "step_no_cudagraphs": 50, "finetune_e2e_no_cudagraphs": 150, "step_max_autotune": 300}
 PROFILED_ARMS = ("ref_eager", "step_fast")
 PEAK_BF16_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0}  # dense bf16 spec sheets
 

@@ -168,7 +168,6 @@ class RunConfig:
     # resume-critical; docs/PERFORMANCE.md measures them)
     logits_at_labels_only: bool = True  # LM head + loss only at text positions, never at the 256 patches
     deterministic: bool = False  # GPU: deterministic kernels only (bitwise-repeatable runs; slower). CPU always is
-    lora_fused_matmul: bool = False  # LoRA's sums in the base matmul's epilogue (train/lora_fused.py); no gain measured
     compile_blocks: bool | None = None  # torch.compile each decoder/ViT block; null = on CUDA, off on CPU
     # torch.compile mode of the blocks (reduce-overhead, max-autotune: CUDA graphs per block); null =
     # reduce-overhead where CUDA graphs are known safe, else default (train/fast_paths.py)

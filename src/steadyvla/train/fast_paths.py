@@ -1,5 +1,5 @@
 """Speed options of the training step (config keys `logits_at_labels_only`, `compile_blocks`,
-`compile_mode`, `fused_optimizer`, `lora_in_model_dtype`, `lora_fused_matmul`): each computes what the plain path computes, up to
+`compile_mode`, `fused_optimizer`, `lora_in_model_dtype`): each computes what the plain path computes, up to
 floating-point round-off (bf16 round-off for `lora_in_model_dtype` on a bf16 model).
 
 Regional compilation: every transformer block (Llama decoder layer, timm ViT block) is compiled
@@ -15,7 +15,6 @@ import torch.nn.functional as F
 from torch import nn
 
 from steadyvla.config import CUDA_GRAPH_COMPILE_MODES, RunConfig
-from steadyvla.train.lora_fused import fuse_lora_matmuls
 
 # Class names of the blocks compiled one by one (HF Llama decoder layer, timm ViT block).
 COMPILED_BLOCK_TYPES = ("LlamaDecoderLayer", "Block")
@@ -81,8 +80,6 @@ class ModelDtypeLinear(nn.Linear):
     gradient arrives in fp32. PEFT's default instead casts the bf16 activations up to fp32 and runs
     the thin LoRA matmuls in fp32 (non-tensor-core kernels: ~25 % of the 7B step in the profile)."""
 
-    computes_in_input_dtype = True  # train/lora_fused.py may fuse layers whose adapters compute so
-
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         bias = None if self.bias is None else self.bias.to(x.dtype)
         return F.linear(x, self.weight.to(x.dtype), bias)
@@ -120,8 +117,6 @@ def apply_fast_paths(model: nn.Module, cfg: RunConfig, device: torch.device | st
         applied.append("logits_at_labels_only")
     if cfg.lora_in_model_dtype and (changed := lora_in_model_dtype(model)):
         applied.append(f"lora_in_model_dtype ({changed} projections)")
-    if cfg.lora_fused_matmul and (fused := fuse_lora_matmuls(model)):
-        applied.append(f"lora_fused_matmul ({fused} layers)")
     if compile_enabled(cfg, device):
         compile_mode = resolved_compile_mode(cfg, device)
         mode = "" if compile_mode == "default" else f", mode {compile_mode}"
