@@ -102,3 +102,24 @@ def test_state_that_changed_shape_is_copied_tensor_by_tensor():
     snap = take_snapshot(state, cfg, adapter_view=view, staging=staging)
     assert torch.equal(snap.tensors["optim.0.extra"], torch.ones(3))
     assert _equal(snap.adapter, take_snapshot(state, cfg, adapter_view=view).adapter)
+
+
+def test_snapshot_overhead_bench_counts_the_presets_lora_layers():
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
+    from snapshot_overhead import lora_layer_count, stand_in_state, timed_snapshots
+
+    layers = lora_layer_count("tiny", 4)
+    state, cfg = stand_in_state(layers, torch.device("cpu"))
+    assert sum(1 for p in state.model.parameters() if p.requires_grad) == 2 * layers
+    view = adapter_views(state.model)
+    staging = snapshot_staging(state, view)
+    assert len(timed_snapshots(state, cfg, 2, adapter_view=view, staging=staging)) == 2
+    from peft.tuners.lora import LoraLayer
+
+    from test_fast_paths import _tiny
+
+    built = _tiny()[2]  # the tiny VLA with LoRA on real tensors: the meta count is its count
+    assert layers == sum(1 for m in built.modules() if isinstance(m, LoraLayer)) > 0
