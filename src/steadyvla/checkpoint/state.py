@@ -146,14 +146,8 @@ def _optim_key(pid: int, name: str) -> str:
     return f"{OPTIM_PREFIX}.{pid}.{name}"
 
 
-def snapshot_optimizer(optimizer: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-    """Optimizer state -> (CPU copies keyed `optim.<param>.<name>`, JSON-able param groups + scalars)."""
-    live, meta = optimizer_state(optimizer)
-    return {key: cpu_copy(value, key) for key, value in live.items()}, meta
-
-
 def restore_optimizer(optimizer: torch.optim.Optimizer, tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> None:
-    """Inverse of `snapshot_optimizer`."""
+    """Inverse of `optimizer_state` (with the tensors loaded back from a checkpoint)."""
     state: dict[int, dict[str, Any]] = {}
     for key, value in tensors.items():
         prefix, pid, name = key.split(".", 2)
