@@ -163,7 +163,7 @@ def run_reference(model: nn.Module, cfg: RunConfig, batch: dict[str, torch.Tenso
         return _timed(one_step, device, warmup, steps, profile)
     finally:
         del optimizer
-        uncompile(model.get_base_model())
+        uncompile(vla)
 
 
 def run_steadyvla_step(model: nn.Module, cfg: RunConfig, batch: dict[str, torch.Tensor], device: torch.device,
