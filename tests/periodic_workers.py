@@ -8,30 +8,33 @@ from pathlib import Path
 
 import torch.distributed as dist
 
-import steadyvla.eval.periodic as periodic
+import steadyvla.eval.rank_link as rank_link
 from steadyvla.distributed import DistEnv
 
 
 def broadcast_worker(rank: int, init_file: str, out_dir: str) -> None:
-    """One of two gloo ranks: rank 0's results and failure reach rank 1 through `_from_rank0`."""
-    periodic.HEARTBEAT_S = 0.0  # every heartbeat call is a broadcast the waiting rank must answer
+    """One of two gloo ranks: rank 0's heartbeats, shared queries (which rank 1 follows, in order),
+    result and failure reach rank 1 through `from_rank0`."""
+    rank_link.HEARTBEAT_S = 0.0  # every heartbeat call is a broadcast the waiting rank must answer
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)
     env = DistEnv(rank=rank, world_size=2)
+    followed: list = []
 
-    def work(beat):
-        for _ in range(3):
-            beat()
+    def work(link):
+        for i in range(3):
+            link.beat()
+            link.share({"images": [i, i + 1]})
         return {"score": 0.5}
 
-    def failing(beat):
-        beat()
+    def failing(link):
+        link.beat()
         raise ValueError("renderer gone")
 
-    got = periodic._from_rank0(work, env)
+    got = rank_link.from_rank0(work, env, follow=followed.append)
     try:
-        periodic._from_rank0(failing, env)
+        rank_link.from_rank0(failing, env)
         error = None
     except (ValueError, RuntimeError) as err:
         error = str(err)
-    Path(out_dir, f"rank{rank}.json").write_text(json.dumps({"got": got, "error": error}))
+    Path(out_dir, f"rank{rank}.json").write_text(json.dumps({"got": got, "followed": followed, "error": error}))
     dist.destroy_process_group()

@@ -1,6 +1,7 @@
 """`steadyvla train`: full training with FSDP2 / DDP on 2 gloo processes, DCP checkpoints, exact
 resume after kill -9 (also inside the save), resume on another number of ranks, the users' keys."""
 
+import importlib.util
 import json
 import shutil
 import subprocess
@@ -15,7 +16,7 @@ from helpers import assert_bitwise_equal, cli_env, config_args, metrics_lines
 from steadyvla.checkpoint.dcp_storage import JsonMetadataReader
 from steadyvla.checkpoint.layout import CHECKPOINTS_DIR, DCP_DIR, STARTS_JSONL, TRAINER_STATE_JSON
 from steadyvla.checkpoint.manager import CheckpointManager
-from steadyvla.config import ConfigError, build_config
+from steadyvla.config import ConfigError, build_config, load_config
 from steadyvla.faults import FAULT_ENV
 from steadyvla.train.run_dir import run_dir_for
 
@@ -208,3 +209,55 @@ def test_method_on_the_fsdp_sharded_model_resumes_bit_exact(synthetic_root, tmp_
     assert_bitwise_equal(dcp_tensors(checkpoint_at(run_dir, 4)), dcp_tensors(checkpoint_at(ref_dir, 4)))
     state = json.loads((checkpoint_at(run_dir, 4) / TRAINER_STATE_JSON).read_text())
     assert state["method"]["method"]["last_drift"] == rows[-1]["drift_d"] and state["method"]["method"]["thermostat"]
+
+
+needs_metaworld = pytest.mark.skipif(importlib.util.find_spec("metaworld") is None,
+                                     reason="MetaWorld is not installed (pip install 'steadyvla[demo]')")
+# cheap periodic evaluation: 1 task, 1 episode of 1 env step
+EVAL = dict(enable_periodic_eval=True, eval_every_steps=2, eval_tasks="reach-v3", eval_episodes=1,
+            eval_max_episode_steps=1, eval_num_envs=1)
+
+
+def without_eval_keys(rows: list[dict]) -> list[dict]:
+    return [{k: v for k, v in r.items() if not k.startswith("eval_")} for r in rows]
+
+
+@needs_metaworld
+def test_periodic_eval_on_fsdp_ranks_trains_bitwise_the_same_and_keeps_the_best(synthetic_root, tmp_path,
+                                                                                fsdp_reference):
+    # rank 1 holds half of every weight: it must join each of rank 0's policy forwards
+    values = values_for(synthetic_root, tmp_path / "runs", keep_last_k=1, **EVAL)
+    ok(train_run(2, values))
+    run_dir = run_dir_for(build_config(values))
+    rows = metrics_lines(run_dir)
+    assert without_eval_keys(rows) == metrics_lines(fsdp_reference)
+    assert [r["step"] for r in rows if "eval_success_rate" in r] == [2, 4, 6]
+    assert_bitwise_equal(dcp_tensors(checkpoint_at(run_dir, 6)), dcp_tensors(checkpoint_at(fsdp_reference, 6)))
+    for step in (2, 4, 6):
+        report = json.loads((run_dir / "eval" / f"step-{step:06d}.json").read_text())
+        assert report["global_step"] == step and report["during_training"]
+    state = json.loads((checkpoint_at(run_dir, 6) / TRAINER_STATE_JSON).read_text())
+    assert state["method"]["periodic_eval"]["tracker"]["best_step"] == 2  # later ties are no improvement
+    # retention (keep_last_k 1) keeps the best evaluation's checkpoint beside the newest
+    assert sorted(p.name[:11] for p in (run_dir / CHECKPOINTS_DIR).iterdir() if p.is_dir()) == \
+        ["step-000002", "step-000006"]
+
+
+@needs_metaworld
+def test_periodic_eval_with_autocast_master_weights_trains_bitwise_the_same(synthetic_root, tmp_path):
+    from steadyvla.train.full_train import train
+
+    # one process, DDP strategy: float32 master weights, bfloat16 compute under autocast, evaluation too
+    common = dict(strategy="ddp", dtype="bfloat16", max_steps=2, save_steps=2, early_stopping_enabled=True,
+                  early_stopping_patience=1)
+    off = values_for(synthetic_root, tmp_path / "off", **common)
+    on = values_for(synthetic_root, tmp_path / "on", **common, **{**EVAL, "eval_every_steps": 1})
+    load = lambda v: load_config(CONFIG, v)  # noqa: E731
+    assert train(load(off), log=lambda _m: None).final_step == 2
+    result = train(load(on), log=lambda _m: None)
+    assert result.stopped_early and result.final_step == 2  # evaluations at 1 (best) and 2 (no improvement)
+    on_dir, off_dir = run_dir_for(build_config(on)), run_dir_for(build_config(off))
+    assert without_eval_keys(metrics_lines(on_dir)) == metrics_lines(off_dir)
+    assert_bitwise_equal(dcp_tensors(checkpoint_at(on_dir, 2)), dcp_tensors(checkpoint_at(off_dir, 2)))
+    # started again, the run knows it stopped: nothing to do
+    assert train(load({**on, "max_steps": 4}), log=lambda _m: None).stopped_early

@@ -1,5 +1,6 @@
 """CUDA paths (pinned-memory snapshots, CUDA RNG state, method hooks, CUDA graphs on GPU). Skipped without a GPU; run on the GPU machine: `python -m pytest -q tests/test_gpu.py -s`."""
 
+import importlib.util
 import signal
 from pathlib import Path
 
@@ -61,13 +62,37 @@ def test_killed_gpu_run_resumes_and_matches_the_uninterrupted_run(synthetic_root
     assert ("mode reduce-overhead" in stdout) == graphs
     assert [r["step"] for r in metrics_lines(run_dir)] == list(range(1, 9))
     bitwise, diff = _difference(run_dir, ref_dir)
-    if kind == "deterministic":
-        repeat_bitwise, repeat_diff = True, 0.0
-    else:
-        repeat_bitwise, repeat_diff = _difference(_finished_run(values, tmp_path / "again")[0], ref_dir)
+    if kind == "deterministic":  # deterministic kernels promise bitwise: no second run to compare with
+        print(f"\nGPU resume ({kind}): resumed vs uninterrupted: bitwise {bitwise}, max difference {diff:.3e}")
+        assert bitwise
+        return
+    repeat_bitwise, repeat_diff = _difference(_finished_run(values, tmp_path / "again")[0], ref_dir)
     print(f"\nGPU resume ({kind}): resumed vs uninterrupted: bitwise {bitwise}, max difference {diff:.3e}; "
           f"two uninterrupted runs: bitwise {repeat_bitwise}, max difference {repeat_diff:.3e}")
     if repeat_bitwise:
         assert bitwise
     else:  # nondeterministic kernels: resume may not add a difference beyond the kernels' own noise
         assert diff <= 4 * repeat_diff
+
+
+@pytest.mark.skipif(importlib.util.find_spec("metaworld") is None, reason="MetaWorld is not installed")
+def test_periodic_eval_on_the_fsdp_sharded_model_trains_bitwise_the_same(synthetic_root, tmp_path):
+    """`steadyvla train` on one GPU under FSDP (bf16 compute, deterministic kernels): evaluating every
+    2 steps (the root's parameters gathered, then sharded again) leaves the training bitwise unchanged."""
+    from test_full_train import checkpoint_at, dcp_tensors
+
+    values = dict(data_root_dir=str(synthetic_root), dataset_name="synth", run_id="gpu-full", use_lora=False,
+                  strategy="fsdp", dtype="bfloat16", deterministic=True, batch_size=4, max_steps=4, save_steps=2,
+                  learning_rate=0.001, progress_bar=False, seed=5)
+    runs = {}
+    for name, extra in (("off", {}), ("on", dict(enable_periodic_eval=True, eval_every_steps=2, eval_tasks="reach-v3",
+                                                  eval_episodes=1, eval_max_episode_steps=3, eval_num_envs=1))):
+        run_values = {**values, **extra, "run_root_dir": str(tmp_path / name)}
+        done = run_cli(["train", "--config", CONFIG, *config_args(run_values)])
+        assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-5000:]
+        runs[name] = run_dir_for(build_config(run_values))
+    rows = metrics_lines(runs["on"])
+    assert [r["step"] for r in rows if "eval_success_rate" in r] == [2, 4]
+    assert [{k: v for k, v in r.items() if not k.startswith("eval_")} for r in rows] == metrics_lines(runs["off"])
+    on, off = dcp_tensors(checkpoint_at(runs["on"], 4)), dcp_tensors(checkpoint_at(runs["off"], 4))
+    assert on.keys() == off.keys() and all(torch.equal(on[k], off[k]) for k in on)

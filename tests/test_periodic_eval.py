@@ -233,7 +233,7 @@ def test_two_ranks_evaluate_on_rank_0_and_stop_together(synthetic_root, tmp_path
     assert state["world_size"] == 2 and state["method"][HOOK_NAME]["tracker"]["evals_without_improvement"] == 1
 
 
-def test_waiting_ranks_get_rank_0_results_through_heartbeats_and_its_failure(tmp_path):
+def test_waiting_ranks_follow_rank_0_queries_and_get_its_results_and_its_failure(tmp_path):
     import torch.multiprocessing as mp
 
     from periodic_workers import broadcast_worker
@@ -241,5 +241,6 @@ def test_waiting_ranks_get_rank_0_results_through_heartbeats_and_its_failure(tmp
     mp.spawn(broadcast_worker, args=(str(tmp_path / "init"), str(tmp_path)), nprocs=2, join=True)
     ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
     assert ranks[0]["got"] == ranks[1]["got"] == {"score": 0.5}
+    assert ranks[0]["followed"] == [] and ranks[1]["followed"] == [{"images": [i, i + 1]} for i in range(3)]
     assert ranks[0]["error"] == "renderer gone"
     assert "periodic evaluation failed on rank 0 (ValueError: renderer gone)" in ranks[1]["error"]

@@ -48,7 +48,7 @@ ENV_INT_KEYS = {"BATCH_SIZE": "batch_size", "GRAD_ACCUM": "grad_accumulation_ste
 # full training (`steadyvla train`): the users' train.py resume keys
 FULL_ENV_INT_KEYS = {"BATCH_SIZE": "batch_size", "GRAD_ACCUM": "grad_accumulation_steps", "RESUME_STEP": "resume_step",
                      "RESUME_EPOCH": "resume_epoch"}
-FULL_POSITIONALS = POSITIONALS[:2]  # no periodic evaluation / early stopping in full training
+FULL_POSITIONALS = POSITIONALS[:2]  # their full-training script switches no evaluation on (the YAML may)
 METHOD_ENV_INT_KEYS = {"PROBE_BATCH_SIZE": "probe_batch_size", "THERMO_UPDATE": "thermostat_update_interval",
                        "THERMO_WARMUP": "thermostat_warmup_steps"}
 PROBE_BATCH_DEFAULT = 4  # their launcher's default

@@ -2,8 +2,9 @@
 
 Every `eval_every_steps` optimizer steps, rank 0 runs `steadyvla eval`'s closed-loop MetaWorld v3
 rollouts (`eval.command.run_eval`) with the model being trained, and writes the same results file,
-`<run_dir>/eval/step-XXXXXX.json`. The other ranks wait (under DDP the weights are the same on
-every rank) and receive the results, so every rank logs and decides the same.
+`<run_dir>/eval/step-XXXXXX.json`. The other ranks receive the results, so every rank logs and
+decides the same. Under DDP they wait; under FSDP (`steadyvla train`) they run each policy forward
+with rank 0 on the inputs it broadcasts, since each holds a shard of the weights (`rank_link.py`).
 
 Training is not disturbed: the model is evaluated in eval mode under `no_grad` and every module's
 train/eval flag is put back; the Python, NumPy, torch CPU and CUDA RNG states are saved before and
@@ -18,9 +19,8 @@ also saves a checkpoint, so the best score always has one, and retention never d
 from __future__ import annotations
 
 import random
-import time
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -31,6 +31,7 @@ from steadyvla.checkpoint.state import restore_rng, snapshot_rng
 from steadyvla.config import ConfigError, RunConfig
 from steadyvla.distributed import DistEnv
 from steadyvla.eval.early_stopping import EarlyStopping
+from steadyvla.eval.rank_link import RankLink, from_rank0
 from steadyvla.faults import fault_point
 from steadyvla.hooks import TrainHook
 
@@ -41,7 +42,6 @@ LENGTH_KEY = "eval_mean_episode_length"
 BEST_SCORE_KEY = "eval_best_success_rate"
 BEST_STEP_KEY = "eval_best_step"
 PATIENCE_LEFT_KEY = "eval_patience_left"
-HEARTBEAT_S = 60.0  # rank 0 tells the waiting ranks it is alive (collectives time out after minutes)
 METAWORLD_ACTION_DIMS = 4
 
 
@@ -105,6 +105,12 @@ def _tracker_from(cfg: RunConfig, tasks: list[str], meta: dict[str, Any],
     return tracker
 
 
+def _is_fsdp(module: torch.nn.Module) -> bool:
+    from torch.distributed.fsdp import FSDPModule
+
+    return isinstance(module, FSDPModule)
+
+
 def best_checkpoint(run_dir: Path, step: int | None) -> Path | None:
     """The complete checkpoint dir of `step` in `run_dir`, if there is one."""
     from steadyvla.checkpoint.manager import CheckpointManager
@@ -156,41 +162,6 @@ def isolated_eval(model: torch.nn.Module, rank: int, seed: int) -> Iterator[None
         restore_rng(rank, rng_tensors, rng_meta)
 
 
-def _from_rank0(work: Callable[[Callable[[], None]], Any], env: DistEnv) -> Any:
-    """`work(heartbeat)` on rank 0; its result on every rank. While rank 0 works the others wait in
-    broadcasts that rank 0 answers at least every HEARTBEAT_S seconds through `heartbeat`."""
-    if not env.distributed:
-        return work(lambda: None)
-    import torch.distributed as dist
-
-    def send(kind: str, payload: Any) -> None:
-        dist.broadcast_object_list([(kind, payload)], src=0)
-
-    if env.is_main:
-        last = [time.monotonic()]
-
-        def heartbeat() -> None:
-            if time.monotonic() - last[0] >= HEARTBEAT_S:
-                send("alive", None)
-                last[0] = time.monotonic()
-
-        try:
-            result = work(heartbeat)
-        except BaseException as err:
-            send("failed", f"{type(err).__name__}: {err}")
-            raise
-        send("done", result)
-        return result
-    while True:
-        box: list[Any] = [None]
-        dist.broadcast_object_list(box, src=0)
-        kind, payload = box[0]
-        if kind == "done":
-            return payload
-        if kind == "failed":
-            raise RuntimeError(f"periodic evaluation failed on rank 0 ({payload}); see rank 0's error")
-
-
 class PeriodicEvalHook(TrainHook):
     """Closed-loop MetaWorld evaluation every `eval_every_steps` steps, plus early stopping."""
 
@@ -198,12 +169,19 @@ class PeriodicEvalHook(TrainHook):
 
     def __init__(self, cfg: RunConfig, model: torch.nn.Module, tokenizer: Any, spec: Any, norm_stats: dict,
                  tasks: list[str], run_dir: Path, env: DistEnv, log: Callable[[str], None]):
+        from steadyvla.eval.policy import EvalTarget, vla_action_source
         from steadyvla.model.bundle import VLABundle
 
         self.cfg, self.tasks, self.run_dir, self.env, self.log = cfg, list(tasks), Path(run_dir), env, log
-        self.model = model  # the PeftModel: eval mode for all of it, predict_action on its LoRA-injected VLA
+        self.model = model  # the PeftModel or the full VLA: eval mode for all of it
         vla = model.get_base_model() if hasattr(model, "get_base_model") else model
         self.bundle = VLABundle(vla, tokenizer, spec, norm_stats)
+        self.act = vla_action_source(EvalTarget(self.bundle, cfg.dataset_name))
+        self.sharded = _is_fsdp(vla)  # every rank joins every forward
+        # full training outside FSDP keeps float32 master weights and computes under autocast
+        dtype = getattr(torch, cfg.dtype)
+        self.autocast = dtype if not self.sharded and dtype != torch.float32 and \
+            vla.projector.fc1.weight.dtype == torch.float32 else None
         self.tracker = _tracker_from(cfg, self.tasks, {})
 
     def _due(self, step: int) -> bool:
@@ -223,34 +201,53 @@ class PeriodicEvalHook(TrainHook):
                 f">= {self.cfg.early_stopping_min_delta} for {self.tracker.evals_without_improvement} evaluation(s) "
                 f"(early_stopping_patience {self.cfg.early_stopping_patience}); {_stop_summary(self.tracker, self.run_dir)}")
 
-    def _evaluate(self, step: int, heartbeat: Callable[[], None]) -> dict[str, Any]:
+    @contextmanager
+    def _evaluating(self) -> Iterator[None]:
+        """On every rank: `isolated_eval`; under FSDP the root's own parameters gathered (the policy
+        calls the VLA's parts, not its root forward, which would gather them) and sharded again after."""
+        with ExitStack() as stack:
+            stack.enter_context(isolated_eval(self.model, self.env.rank, self.cfg.eval_seed))
+            if self.autocast is not None:
+                stack.enter_context(torch.autocast(self.bundle.device.type, dtype=self.autocast))
+            if self.sharded:
+                vla = self.bundle.model
+                vla.unshard()
+                stack.callback(vla.reshard)
+            yield
+
+    def _evaluate(self, step: int, link: RankLink) -> dict[str, Any]:
         from steadyvla.eval.command import EvalRequest, run_eval
-        from steadyvla.eval.policy import EvalTarget, vla_action_source
         from steadyvla.eval.report import default_results_path
 
         cfg = self.cfg
-        act = vla_action_source(EvalTarget(self.bundle, cfg.dataset_name))
 
         def source(images, instructions, states):
-            heartbeat()
-            return act(images, instructions, states)
+            if self.sharded:
+                link.share((images, instructions, states))  # the other ranks run this forward too
+            else:
+                link.beat()
+            return self.act(images, instructions, states)
 
         req = EvalRequest(tasks=self.tasks, episodes=cfg.eval_episodes, seed=cfg.eval_seed,
                           max_steps=cfg.eval_max_episode_steps, out=default_results_path(self.run_dir, step),
                           image_size=cfg.demo_image_size, num_envs=cfg.eval_num_envs, progress=False)
         self.log(f"step {step}: periodic evaluation on {', '.join(self.tasks)}, {cfg.eval_episodes} episode(s) per task")
-        with isolated_eval(self.model, self.env.rank, cfg.eval_seed):
-            report = run_eval(req, log=lambda text: [self.log(line) for line in text.splitlines()], source=source,
-                              settings={"global_step": step, "run_dir": str(self.run_dir),
-                                        "unnorm_key": cfg.dataset_name, "during_training": True})
+        report = run_eval(req, log=lambda text: [self.log(line) for line in text.splitlines()], source=source,
+                          settings={"global_step": step, "run_dir": str(self.run_dir),
+                                    "unnorm_key": cfg.dataset_name, "during_training": True})
         rates = {task: float(row["success_rate"]) for task, row in report["tasks"].items()}
         return {"rates": rates, "score": sum(rates.values()) / len(rates),
                 "mean_episode_length": float(report["overall"]["mean_episode_length"])}
 
+    def _follow(self, query: tuple) -> None:
+        self.act(*query)  # rank 0 uses its own result
+
     def at_step_boundary(self, step: int) -> dict[str, float]:
         if not self._due(step):
             return {}
-        result = _from_rank0(lambda beat: self._evaluate(step, beat), self.env)
+        with self._evaluating():
+            result = from_rank0(lambda link: self._evaluate(step, link), self.env,
+                                self._follow if self.sharded else None)
         improved = self.tracker.observe(step, result["score"])
         fault_point("after_eval", step)  # tests: evaluated, checkpoint of this step not yet written
         metrics = {SCORE_KEY: result["score"], LENGTH_KEY: result["mean_episode_length"],

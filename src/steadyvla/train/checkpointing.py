@@ -71,6 +71,11 @@ class Snapshot:
     copies: DeviceCopies | None = None  # None: the copies were synchronous (or wait for the whole device)
 
 
+def protected_steps(state: TrainState) -> frozenset[int]:
+    """Steps whose checkpoints retention must keep: every hook's `protected_steps` (e.g. the best eval)."""
+    return frozenset(step for hook in state.hooks for step in hook.protected_steps())
+
+
 def take_snapshot(state: TrainState, cfg: RunConfig, env: DistEnv = DistEnv(),
                   inputs: dict[str, Any] | None = None,
                   adapter_view: dict[str, torch.Tensor] | None = None,
@@ -94,9 +99,8 @@ def take_snapshot(state: TrainState, cfg: RunConfig, env: DistEnv = DistEnv(),
             host = {name: {key: cpu_copy(v, f"{name}.{key}") for key, v in part.items()} for name, part in live.items()}
     copies.mark_current_stream()  # hook state was copied on the training stream: hooks may change it next step
     tensors.update(host[_OPTIMIZER])
-    keep_steps = frozenset(step for hook in state.hooks for step in hook.protected_steps())
     adapter_config = copy.deepcopy(state.model.peft_config["default"])
-    return Snapshot(state.global_step, host[_ADAPTER], adapter_config, tensors, meta, keep_steps, copies)
+    return Snapshot(state.global_step, host[_ADAPTER], adapter_config, tensors, meta, protected_steps(state), copies)
 
 
 _ADAPTER, _OPTIMIZER = "adapter", "optimizer"  # the sections a save copies from the device

@@ -32,7 +32,7 @@ from steadyvla.checkpoint.manager import CheckpointManager
 from steadyvla.config import RunConfig
 from steadyvla.distributed import DistEnv, barrier, gather_to_all
 from steadyvla.faults import fault_point
-from steadyvla.train.checkpointing import TrainState, restore_trainer_record, trainer_record
+from steadyvla.train.checkpointing import TrainState, protected_steps, restore_trainer_record, trainer_record
 
 CHECKPOINT_KIND = "full"  # trainer_state.json `kind` of full-training checkpoints
 
@@ -95,20 +95,20 @@ class FullCheckpointer:
         tmp = Path(gather_to_all(str(tmp) if tmp else None, self.env)[0])
         record = trainer_record(state, self.cfg, self.env, self.inputs)
         shards = model_optim_state(state.model, state.optimizer)
-        step = state.global_step
+        step, keep = state.global_step, protected_steps(state)
         if blocking or not self.cfg.async_save:
             save_model_optim(shards, tmp, process_group=self.group)
             if self.env.is_main:
-                self.log(f"saved checkpoint {self._commit(record, tmp, step, name)}")
+                self.log(f"saved checkpoint {self._commit(record, tmp, step, name, keep)}")
             barrier(self.env)
             return
         self._copies, future = async_save_model_optim(shards, tmp, self.staging, process_group=self.group)
         if self.env.is_main:
-            self.committer.submit(lambda: self._commit(record, tmp, step, name, future), label=name)
+            self.committer.submit(lambda: self._commit(record, tmp, step, name, keep, future), label=name)
         else:
             self._future = future
 
-    def _commit(self, record, tmp: Path, step: int, name: str, future=None) -> Path:
+    def _commit(self, record, tmp: Path, step: int, name: str, keep: frozenset[int], future=None) -> Path:
         if future is not None:
             future.result()  # every rank's shards are written once the coordinator's save returns
         tensors, meta = record
@@ -117,7 +117,7 @@ class FullCheckpointer:
         save_file(tensors, str(tmp / TRAINER_STATE_TENSORS), metadata={"format": "pt"})
         fault_point("mid_save", step)  # tests: shards and tensors written, no JSON, no manifest
         (tmp / TRAINER_STATE_JSON).write_text(json.dumps(meta, indent=1))
-        return self.manager.commit(tmp, step, name)
+        return self.manager.commit(tmp, step, name, keep)
 
     def check(self) -> None:
         """At a step boundary: collect a finished background save (its error surfaces here)."""

@@ -13,6 +13,7 @@ from safetensors.torch import load_file
 from steadyvla.config import ConfigError, RunConfig
 from steadyvla.data.sampler import DataPosition
 from steadyvla.distributed import DistEnv, one_rank_group
+from steadyvla.eval.periodic import PeriodicEvalHook
 from steadyvla.model.build import action_tokenizer_for, build_vla, load_tokenizer, model_spec
 from steadyvla.parallel import freeze_parts, parallelize
 from steadyvla.hooks import TrainHook
@@ -50,6 +51,8 @@ def _train_full(cfg: RunConfig, env: DistEnv, log: Callable[[str], None], preemp
             return LoopResult(plan.step, preempted=False)
         memory = preflight(cfg, env, log)  # before the run dir is created: a refusal writes nothing
         start = record_checked_start(cfg, env, log, run_dir, plan, changes, preemption, lock.ensure())
+        if start.already_stopped:
+            return LoopResult(plan.step, preempted=False, stopped_early=True)
         with one_rank_group(env) if cfg.strategy == "fsdp" else contextlib.nullcontext():
             return _run(start, init, memory)
 
@@ -67,10 +70,6 @@ def enable_activation_checkpointing(model: torch.nn.Module) -> None:
 def _run(start: Start, init: WeightsInit, memory: Preflight) -> LoopResult:
     """Build, shard and restore the model, run the loop (the run dir is locked)."""
     cfg, env, log, plan = start.cfg, start.env, start.log, start.plan
-    if start.eval_tasks:
-        log("enable_periodic_eval: periodic evaluation runs in `steadyvla finetune` only (under FSDP every rank "
-            "would have to join rank 0's rollouts); ignored here. Evaluate a checkpoint with `steadyvla ckpt export` "
-            "then `steadyvla eval --vla_path`")
     tokenizer = load_tokenizer(cfg)
     spec = model_spec(cfg, tokenizer)
     action_tokenizer = action_tokenizer_for(tokenizer, spec)
@@ -97,6 +96,9 @@ def _run(start: Start, init: WeightsInit, memory: Preflight) -> LoopResult:
 
         hooks.append(MethodHook(cfg, model, tokenizer, start.artifacts, start.probe, env.device,
                                 sharded=env.distributed and cfg.strategy == "fsdp"))
+    if start.eval_tasks:  # after sharding: under FSDP every rank joins the evaluation's forwards
+        hooks.append(PeriodicEvalHook(cfg, model, tokenizer, spec, start.all_stats, start.eval_tasks, start.run_dir,
+                                      env, log))
     state = TrainState(model, optimizer, scheduler, DataPosition(), hooks=hooks)
     if not fresh:
         load_full_checkpoint(state, plan.checkpoint, rank=env.rank, log=say)
