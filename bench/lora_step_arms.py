@@ -236,14 +236,19 @@ def profile_table(one_step: Callable[[], None], device: torch.device, steps: int
 
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
     with profile(activities=activities) as prof:
+        sync(device)
+        started = time.perf_counter()
         for _ in range(steps):
             one_step()
         sync(device)
+        wall_s = time.perf_counter() - started
     averages = prof.key_averages()
+    # the footer's self device total over this wall time: how busy the device was (1.0: never waits for the host)
+    header = f"profiled wall time: {wall_s:.4f} s for {steps} steps ({wall_s / steps:.4f} s/step)\n"
     keys = ["self_cuda_time_total", "self_device_time_total"] if device.type == "cuda" else ["self_cpu_time_total"]
     for key in keys:
         try:
-            return averages.table(sort_by=key, row_limit=rows, max_name_column_width=60)
+            return header + averages.table(sort_by=key, row_limit=rows, max_name_column_width=60)
         except (AttributeError, KeyError, ValueError):
             continue
-    return averages.table(row_limit=rows)
+    return header + averages.table(row_limit=rows)
