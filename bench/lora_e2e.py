@@ -21,7 +21,7 @@ import yaml
 
 from steadyvla.data.lerobot_writer import Episode, write_lerobot_dataset
 from steadyvla.memory_runtime import GPU_PEAK_ALLOC, GPU_PEAK_RESERVED, HOST_PEAK_RSS
-from steadyvla.train.metrics import CKPT_BLOCKING_S, STEP_TIME_S, read_metrics
+from steadyvla.train.metrics import CKPT_BLOCKING_S, DATA_WAIT_S, STEP_TIME_S, read_metrics
 
 TASKS = ("pick up the red block and put it in the bowl", "open the top drawer", "push the puck to the goal")
 DATASET_NAME = "bench_synth"
@@ -127,6 +127,9 @@ def _step_stats(rows: list[dict], warmup: int, batch_size: int, peak_tflops: flo
         clean = [r[STEP_TIME_S] for r in measured if int(r["step"]) not in after]
         if clean:
             out["s_per_step_median_no_save_nearby"] = round(statistics.median(clean), 4)
+        waits = [r[DATA_WAIT_S] for r in measured if DATA_WAIT_S in r]
+        if waits:  # the host's wait for the data loader: a data-bound run waits for much of each step
+            out["data_wait_s_median"] = round(statistics.median(waits), 4)
         if flops:
             out["tflops_per_s"] = round(flops / median / 1e12, 1)
             if peak_tflops:

@@ -48,3 +48,25 @@ def test_save_latest_checkpoint_only_keeps_one(make_config):
     finetune(cfg, log=lambda m: None)
     ckpts = [p.name for p in (run_dir_for(cfg) / CHECKPOINTS_DIR).iterdir() if p.is_dir()]
     assert ckpts == ["step-000006"]
+
+
+def test_data_wait_s_is_the_time_the_host_waited_for_batches(make_config, monkeypatch):
+    import time
+
+    from steadyvla.data.dataset import VLADataset
+    from steadyvla.train.metrics import DATA_WAIT_S, STEP_TIME_S
+
+    slow_s = 0.05  # per sample: a batch of 2 keeps the host waiting >= 0.1 s (num_workers 0: in the main process)
+    original = VLADataset.__getitem__
+
+    def slow_getitem(self, index):
+        time.sleep(slow_s)
+        return original(self, index)
+
+    monkeypatch.setattr(VLADataset, "__getitem__", slow_getitem)
+    cfg = make_config(max_steps=3, save_steps=3, batch_size=2, grad_accumulation_steps=2, num_workers=0)
+    finetune(cfg, log=lambda m: None)
+    rows = [json.loads(line) for line in (run_dir_for(cfg) / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [1, 2, 3]
+    for row in rows:  # two micro-batches of 2 samples per step
+        assert 4 * slow_s <= row[DATA_WAIT_S] < row[STEP_TIME_S], row

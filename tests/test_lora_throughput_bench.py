@@ -29,3 +29,4 @@ def test_every_kind_of_arm_runs_on_cpu(tmp_path):
         assert result["s_per_step_median"] > 0, name
     e2e = results["finetune_e2e"]
     assert e2e["fresh_returncode"] == 0 and e2e["resume_returncode"] == 0 and e2e["ckpt_blocking_s"]
+    assert 0 <= e2e["data_wait_s_median"] <= e2e["s_per_step_median"]

@@ -29,7 +29,7 @@ from steadyvla.model.action_tokenizer import ActionTokenizer
 from steadyvla.parallel import gradient_sync
 from steadyvla.train.checkpointing import TrainerCheckpointer, TrainState
 from steadyvla.train.fast_paths import fused_enabled
-from steadyvla.train.metrics import CKPT_BLOCKING_S, STEP_TIME_S, MetricsLogger, read_metrics_values
+from steadyvla.train.metrics import CKPT_BLOCKING_S, DATA_WAIT_S, STEP_TIME_S, MetricsLogger, read_metrics_values
 from steadyvla.train.oom import StepStart, stop_after_oom
 from steadyvla.train.signals import PreemptionFlag
 from steadyvla.train.step import MODEL_INPUTS, accumulate_gradients, apply_update, finish_step  # noqa: F401
@@ -56,6 +56,7 @@ class _PendingLine:
     metrics: dict[str, Any]  # device tensors and floats
     started: float  # perf_counter at the start of the step
     ckpt_blocking_s: float | None  # of the save before this step, if any
+    data_wait_s: float  # the host's wait for this step's batches
 
 
 class _LineWriter:
@@ -73,11 +74,35 @@ class _LineWriter:
             return
         values = read_metrics_values(line.metrics)
         ended = next_started if next_started is not None else time.perf_counter()
-        record = {**values, **memory_metrics(self.env.device), STEP_TIME_S: ended - line.started}
+        record = {**values, **memory_metrics(self.env.device), STEP_TIME_S: ended - line.started,
+                  DATA_WAIT_S: line.data_wait_s}
         if line.ckpt_blocking_s is not None:
             record[CKPT_BLOCKING_S] = line.ckpt_blocking_s
         self.logger.log(line.step, record)
         self.bar.set_postfix(loss=f"{values['train_loss']:.4f}", lr=f"{values['lr']:.2e}")
+
+
+class _TimedBatches:
+    """The loader's iterator, adding up how long the host waits in `next` (a data-bound run waits
+    for a large part of `step_time_s`: more `num_workers` would help)."""
+
+    def __init__(self, batches: Iterator[dict[str, torch.Tensor]]):
+        self.batches, self.waited = batches, 0.0
+
+    def __iter__(self) -> "_TimedBatches":
+        return self
+
+    def __next__(self) -> dict[str, torch.Tensor]:
+        started = time.perf_counter()
+        try:
+            return next(self.batches)
+        finally:
+            self.waited += time.perf_counter() - started
+
+    def take(self) -> float:
+        """The wait since the last call."""
+        waited, self.waited = self.waited, 0.0
+        return waited
 
 
 def run_loop(
@@ -104,6 +129,7 @@ def run_loop(
     bar = tqdm(total=cfg.max_steps, initial=state.global_step, disable=not (cfg.progress_bar and env.is_main),
                desc="finetune", dynamic_ncols=True)
     lines = _LineWriter(logger, bar, env)
+    batches = _TimedBatches(batches)
     checkpointer.before_commit = logger.sync  # metrics lines durable before each checkpoint commits
     ckpt_blocking_s: float | None = None
     try:
@@ -118,6 +144,7 @@ def run_loop(
 
             try:
                 metrics = accumulate_gradients(cfg, state, batches, sampler, action_tokenizer, env, train_model)
+                data_wait_s = batches.take()
                 checkpointer.before_update()  # the last save's copies must finish before the update
                 lr = apply_update(cfg, state, trainable, foreach_clip=foreach_clip, starting_update=mark_updating)
             except torch.OutOfMemoryError as err:
@@ -138,7 +165,7 @@ def run_loop(
             last = state.global_step == cfg.max_steps
             lines.write_pending(next_started=started)  # the previous step's line, while this step runs
             if boundary or state.global_step % cfg.log_every_steps == 0 or last:
-                lines.pending = _PendingLine(state.global_step, metrics, started, ckpt_blocking_s)
+                lines.pending = _PendingLine(state.global_step, metrics, started, ckpt_blocking_s, data_wait_s)
                 ckpt_blocking_s = None
             bar.update(1)
             checkpointer.check()  # a failed background save surfaces (and is retried) here

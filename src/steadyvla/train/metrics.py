@@ -21,7 +21,8 @@ from steadyvla.model.vla import VLAOutput
 # metrics.jsonl timing keys (wall clock: not deterministic; resume tests compare every other key)
 STEP_TIME_S = "step_time_s"  # wall seconds of the optimizer step the line logs
 CKPT_BLOCKING_S = "ckpt_blocking_s"  # seconds the most recent save blocked training (first line after it)
-TIMING_METRIC_KEYS = (STEP_TIME_S, CKPT_BLOCKING_S)
+DATA_WAIT_S = "data_wait_s"  # seconds the host waited for the data loader's batches in the step the line logs
+TIMING_METRIC_KEYS = (STEP_TIME_S, CKPT_BLOCKING_S, DATA_WAIT_S)
 
 
 @torch.no_grad()
