@@ -182,7 +182,7 @@ def test_reused_host_buffers_keep_each_save_its_own_values(tmp_path, no_pickle):
     """Two async saves through one run's HostStaging: the second reuses the first's host buffers (no
     new allocation), and each checkpoint holds the values of the moment it was saved."""
     from steadyvla.checkpoint import state as host_state
-    from steadyvla.checkpoint.dcp_io import async_save_model_optim
+    from steadyvla.checkpoint.dcp_io import async_save_model_optim, save_model_optim
     from steadyvla.checkpoint.dcp_staging import HostStaging
     from steadyvla.checkpoint.layout import DCP_DIR
 
@@ -192,16 +192,18 @@ def test_reused_host_buffers_keep_each_save_its_own_values(tmp_path, no_pickle):
     reserved = {k: v.data_ptr() for k, v in host_state._PINNED.items() if k.startswith("full.")}
     assert {"full.model.w32", "full.optim.state.w32.exp_avg"} <= set(reserved)
     first = {k: v.clone() for k, v in state["model"].items()}
-    copies, written = async_save_model_optim(state, tmp_path / "one", staging)
+    copies, written, _host = async_save_model_optim(state, tmp_path / "one", staging)
     copies.before_update()
     written.result()  # the next save waits for this one's write: its host buffers are reused
     state["model"]["w32"].add_(1.0)  # the update after the copy
     state["optim"]["state"]["w32"]["exp_avg"].mul_(2.0)
     second = {k: v.clone() for k, v in state["model"].items()}
-    copies, written = async_save_model_optim(state, tmp_path / "two", staging)
+    copies, written, host = async_save_model_optim(state, tmp_path / "two", staging)
     written.result()
+    state["model"]["w32"].add_(1.0)  # training goes on; a retry writes the step's host copy again
+    save_model_optim(host, tmp_path / "again")
     assert {k: v.data_ptr() for k, v in host_state._PINNED.items() if k.startswith("full.")} == reserved
-    for name, want in (("one", first), ("two", second)):
+    for name, want in (("one", first), ("two", second), ("again", second)):
         loaded = allocated_state()
         dcp.load(loaded, storage_reader=JsonMetadataReader(tmp_path / name / DCP_DIR), no_dist=True)
         assert_bitwise_equal(loaded["model"], want, name)
@@ -241,8 +243,8 @@ def test_async_save_without_reserved_buffers_copies_before_returning(tmp_path, n
     from steadyvla.checkpoint.layout import DCP_DIR
 
     state = saved_state()
-    copies, written = async_save_model_optim(state, tmp_path, None)
-    assert copies is None
+    copies, written, host = async_save_model_optim(state, tmp_path, None)
+    assert copies is None and host is None  # nothing of ours to write again
     state["model"]["w32"].add_(1.0)
     written.result()
     loaded = allocated_state()

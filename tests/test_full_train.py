@@ -261,3 +261,32 @@ def test_periodic_eval_with_autocast_master_weights_trains_bitwise_the_same(synt
     assert_bitwise_equal(dcp_tensors(checkpoint_at(on_dir, 2)), dcp_tensors(checkpoint_at(off_dir, 2)))
     # started again, the run knows it stopped: nothing to do
     assert train(load({**on, "max_steps": 4}), log=lambda _m: None).stopped_early
+
+
+def test_failed_background_save_on_fsdp_ranks_is_written_again_and_the_run_stays_bit_exact(
+        synthetic_root, tmp_path, fsdp_reference):
+    # rank 0's commit of step 4 fails once, after every rank wrote its shards: both ranks agree and
+    # write step 4 again from the same host copies, at a later step boundary
+    values = values_for(synthetic_root, tmp_path / "runs")
+    done = train_run(2, values, {FAULT_ENV: "mid_save@4:enospc-once"})
+    ok(done)
+    assert "failed (OSError: [Errno 28] No space left on device: 'injected by STEADYVLA_FAULT'); retrying once" \
+        in done.stdout
+    run_dir = run_dir_for(build_config(values))
+    assert compared(metrics_lines(run_dir)) == compared(metrics_lines(fsdp_reference))
+    for step in (4, 6):  # the retried checkpoint holds step 4, although training had gone on
+        assert_bitwise_equal(dcp_tensors(checkpoint_at(run_dir, step)), dcp_tensors(checkpoint_at(fsdp_reference, step)))
+
+
+def test_save_failing_twice_stops_the_run_with_one_error_line(synthetic_root, tmp_path):
+    values = values_for(synthetic_root, tmp_path / "runs", async_save=False, max_steps=4)
+    failed = train_run(1, values, {FAULT_ENV: "mid_save@4:enospc"})
+    assert failed.returncode == 1, failed.stdout + failed.stderr
+    errors = [line for line in failed.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "Traceback" not in failed.stderr
+    assert errors[0].startswith("error: SaveFailed: saving checkpoint checkpoints/step-000004-epoch-00-loss=")
+    assert "failed twice: OSError: [Errno 28] No space left on device" in errors[0]
+    run_dir = run_dir_for(build_config(values))
+    latest = (run_dir / CHECKPOINTS_DIR / "latest").read_text().strip()
+    assert latest == checkpoint_at(run_dir, 2).name and f"still names {latest}" in errors[0]
+    assert not list((run_dir / CHECKPOINTS_DIR).glob("step-000004*"))

@@ -45,20 +45,21 @@ def save_model_optim(state: dict[str, Any], ckpt_dir: Path, process_group=None) 
 
 
 def async_save_model_optim(state: dict[str, Any], ckpt_dir: Path, staging: HostStaging | None,
-                           process_group=None) -> tuple[DeviceCopies | None, Future]:
+                           process_group=None) -> tuple[DeviceCopies | None, Future, dict[str, Any] | None]:
     """DCP async save (collective): `staging` copies `state` into its reused host buffers (in flight
     on CUDA), then a background thread writes the copy once it is complete. Returns (copies,
-    written): `state` must not change before `copies.before_update()` (on the device) and the next
-    save must wait for `written` (the host buffers are reused). Without `staging`, DCP copies the
-    state to fresh host memory before returning (copies None)."""
+    written, host copy): `state` must not change before `copies.before_update()` (on the device)
+    and the next save must wait for `written` (the host buffers are reused; until then the host
+    copy can be written again). Without `staging`, DCP copies the state to fresh host memory of its
+    own before returning (copies and host copy None)."""
     writer = JsonMetadataWriter(ckpt_dir / DCP_DIR)
     if staging is None:
         return None, dcp.async_save(plain_containers(state), storage_writer=writer, process_group=process_group,
-                                    no_dist=_single_process())
+                                    no_dist=_single_process()), None
     host, copies = staging.stage(state)
     response = dcp.async_save(host, storage_writer=writer, process_group=process_group,
                               async_stager=staging.stager(copies), no_dist=_single_process())
-    return copies, response.upload_completion
+    return copies, response.upload_completion, host
 
 
 def load_model_optim(model: torch.nn.Module, optimizer: torch.optim.Optimizer, ckpt_dir: Path) -> None:

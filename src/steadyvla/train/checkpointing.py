@@ -238,6 +238,15 @@ class SaveFailed(RuntimeError):
     """A checkpoint could not be written, also on the retry; the message names it and the cause."""
 
 
+def save_failed(name: str, err: BaseException, step: int, manager: CheckpointManager) -> SaveFailed:
+    """The error that stops a run whose save of checkpoint `name` failed twice (the second time: `err`)."""
+    latest = manager.read_latest()
+    return SaveFailed(
+        f"saving checkpoint {name} failed twice: {save_error_cause(err)}. Training stopped at step {step}; "
+        f"{CHECKPOINTS_DIR}/{LATEST_FILE} still names {latest or 'no checkpoint'}. Fix the cause (e.g. free "
+        f"disk space in {manager.root}) and run the same command again to continue from there")
+
+
 class TrainerCheckpointer:
     """Saves TrainState checkpoints, one at a time, optionally in the background.
 
@@ -319,17 +328,12 @@ class TrainerCheckpointer:
                 return self._write(snapshot)
             except Exception as err:  # noqa: BLE001
                 error = err
-        self.log(f"saving checkpoint {name} failed ({_cause(error)}); retrying once")
+        self.log(f"saving checkpoint {name} failed ({save_error_cause(error)}); retrying once")
         try:
             return self._write(snapshot)
         except Exception as err:  # noqa: BLE001
-            latest = self.manager.read_latest()
-            raise SaveFailed(
-                f"saving checkpoint {name} failed twice: {_cause(err)}. Training stopped at step {snapshot.step}; "
-                f"{CHECKPOINTS_DIR}/{LATEST_FILE} still names {latest or 'no checkpoint'}. Fix the cause (e.g. free "
-                f"disk space in {self.manager.root}) and run the same command again to continue from there"
-            ) from err
+            raise save_failed(name, err, snapshot.step, self.manager) from err
 
 
-def _cause(err: BaseException) -> str:
+def save_error_cause(err: BaseException) -> str:
     return f"{type(err).__name__}: {err}"

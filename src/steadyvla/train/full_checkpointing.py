@@ -10,11 +10,20 @@ while the next step computes, and written in the background (at most one save in
 process group of its own so it never interleaves with training's collectives); rank 0 commits when
 they are done. The training stream waits for the copies only before the optimizer next changes the
 weights (`before_update`, on the device).
+
+A save that fails on any rank (a shard, or rank 0's commit) is written once more, by every rank at
+the same step boundary (the ranks agree on each in-flight save's outcome through its gloo group);
+an async save is written again from the same host copies, so the retried checkpoint holds the
+step it was taken at. A second failure stops the run with `SaveFailed` on every rank, `latest`
+still naming the previous complete checkpoint. Without reserved host copies (async saves under
+DDP: DCP's own transient copy) there is nothing to write again: the first failure stops the run.
 """
 
 from __future__ import annotations
 
 import json
+from concurrent.futures import Future
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
@@ -30,9 +39,11 @@ from steadyvla.checkpoint.dcp_staging import HostStaging
 from steadyvla.checkpoint.layout import CHECKPOINTS_DIR, TRAINER_STATE_JSON, TRAINER_STATE_TENSORS, step_dir_name
 from steadyvla.checkpoint.manager import CheckpointManager
 from steadyvla.config import RunConfig
-from steadyvla.distributed import DistEnv, barrier, gather_to_all
+from steadyvla.distributed import DistEnv, gather_to_all
 from steadyvla.faults import fault_point
-from steadyvla.train.checkpointing import TrainState, protected_steps, restore_trainer_record, trainer_record
+from steadyvla.train.checkpointing import (
+    TrainState, protected_steps, restore_trainer_record, save_error_cause, save_failed, trainer_record,
+)
 
 CHECKPOINT_KIND = "full"  # trainer_state.json `kind` of full-training checkpoints
 
@@ -63,8 +74,11 @@ class FullCheckpointer:
                                          save_latest_only=cfg.save_latest_checkpoint_only, log=log)
         # background DCP writes run their collectives on a group of their own (gloo: CPU staging)
         self.group = dist.new_group(backend="gloo") if env.distributed and cfg.async_save else None
+        # the ranks' agreement on a save's outcome: from the training thread, while the background
+        # write may be using `group` (one group's collectives must come in one order on every rank)
+        self.control = dist.new_group(backend="gloo") if env.distributed else None
         self.committer = AsyncCheckpointWriter(name="steadyvla-full-commit")  # rank 0: wait shards, commit
-        self._future = None  # this rank's DCP write in flight
+        self._in_flight: _Save | None = None  # the background save until every rank has finished it
         self._copies = None  # this rank's host copies in flight
         # reserved host copies of this rank's shards; under DDP every rank would hold the whole
         # state (22 GB for vla-1b, per rank) for the one copy DCP writes: DCP's transient copy there
@@ -90,46 +104,120 @@ class FullCheckpointer:
     def save(self, state: TrainState, *, blocking: bool = False) -> None:
         """Save the state of this optimizer step (every rank calls it)."""
         self.wait()  # never two saves in flight
-        name = full_dir_name(state)
-        tmp = self.manager.begin(name) if self.env.is_main else None
-        tmp = Path(gather_to_all(str(tmp) if tmp else None, self.env)[0])
+        name, step, keep = full_dir_name(state), state.global_step, protected_steps(state)
         record = trainer_record(state, self.cfg, self.env, self.inputs)
         shards = model_optim_state(state.model, state.optimizer)
-        step, keep = state.global_step, protected_steps(state)
+        save = _Save(name, step, keep, record)
         if blocking or not self.cfg.async_save:
-            save_model_optim(shards, tmp, process_group=self.group)
-            if self.env.is_main:
-                self.log(f"saved checkpoint {self._commit(record, tmp, step, name, keep)}")
-            barrier(self.env)
+            self._write_retrying(save, lambda tmp: save_model_optim(shards, tmp, process_group=self.group))
             return
-        self._copies, future = async_save_model_optim(shards, tmp, self.staging, process_group=self.group)
+        tmp = self._begin(name)
+        self._copies, save.future, save.host = async_save_model_optim(shards, tmp, self.staging,
+                                                                      process_group=self.group)
         if self.env.is_main:
-            self.committer.submit(lambda: self._commit(record, tmp, step, name, keep, future), label=name)
-        else:
-            self._future = future
+            self.committer.submit(lambda: self._commit(save, tmp, save.future), label=name)
+        self._in_flight = save
 
-    def _commit(self, record, tmp: Path, step: int, name: str, keep: frozenset[int], future=None) -> Path:
+    def _begin(self, name: str) -> Path:
+        """Rank 0 opens the temporary dir of checkpoint `name`; every rank gets its path."""
+        tmp = self.manager.begin(name) if self.env.is_main else None
+        return Path(gather_to_all(str(tmp) if tmp else None, self.env)[0])
+
+    def _commit(self, save: "_Save", tmp: Path, future: Future | None = None) -> Path:
         if future is not None:
             future.result()  # every rank's shards are written once the coordinator's save returns
-        tensors, meta = record
+        tensors, meta = save.record
         self.before_commit()
         meta["kind"] = CHECKPOINT_KIND
         save_file(tensors, str(tmp / TRAINER_STATE_TENSORS), metadata={"format": "pt"})
-        fault_point("mid_save", step)  # tests: shards and tensors written, no JSON, no manifest
+        fault_point("mid_save", save.step)  # tests: shards and tensors written, no JSON, no manifest
         (tmp / TRAINER_STATE_JSON).write_text(json.dumps(meta, indent=1))
-        return self.manager.commit(tmp, step, name, keep)
+        return self.manager.commit(tmp, save.step, save.name, save.keep)
+
+    def _write_retrying(self, save: "_Save", write_shards: Callable[[Path], None],
+                        error: BaseException | None = None) -> None:
+        """Write `save` now (every rank), once more if that fails on any rank; `error`: the first
+        attempt already failed (in the background) with it. Raises SaveFailed on every rank after two
+        failures."""
+        if error is None:
+            error = self._attempt(save, write_shards)
+            if error is None:
+                return
+        where = f"{CHECKPOINTS_DIR}/{save.name}"
+        self.log(f"saving checkpoint {where} failed ({save_error_cause(error)}); retrying once")
+        error = self._attempt(save, write_shards)
+        if error is not None:
+            raise save_failed(where, error, save.step, self.manager) from error
+
+    def _attempt(self, save: "_Save", write_shards: Callable[[Path], None]) -> BaseException | None:
+        """One write of `save`: None when every rank succeeded, else this rank's error (or a stand-in
+        when another rank failed)."""
+        error: BaseException | None = None
+        saved = None
+        try:
+            tmp = self._begin(save.name)
+            write_shards(tmp)
+            if self.env.is_main:
+                saved = self._commit(save, tmp)
+        except Exception as err:  # noqa: BLE001 - every failure is agreed on, retried, then reported
+            error = err
+        if not self._all_ranks(error is None):
+            return error or RuntimeError("the save failed on another rank")
+        if saved is not None:
+            self.log(f"saved checkpoint {CHECKPOINTS_DIR}/{saved.name}")
+        return None
+
+    def _all_ranks(self, flag: bool) -> bool:
+        """True on every rank if `flag` is true on every rank (a host-side collective: no device sync)."""
+        if self.control is None:
+            return flag
+        t = torch.tensor([1 if flag else 0])
+        dist.all_reduce(t, op=dist.ReduceOp.MIN, group=self.control)
+        return bool(t.item())
 
     def check(self) -> None:
-        """At a step boundary: collect a finished background save (its error surfaces here)."""
-        if self.committer.finished or (self._future is not None and self._future.done()):
+        """At a step boundary: collect the background save once every rank's part of it finished
+        (decided together, so that a retry starts on every rank at the same step)."""
+        save = self._in_flight
+        if save is None:
+            return
+        done = self.committer.finished if self.env.is_main else save.future.done()
+        if self._all_ranks(done):
             self.wait()
 
     def wait(self) -> None:
-        """Block until the save in flight (if any) is written and committed."""
+        """Block until the save in flight (if any) is written and committed on every rank; a failure
+        on any rank is retried once from the same host copies, then raises SaveFailed."""
         self.before_update()
-        future, self._future = self._future, None
-        if future is not None:
-            future.result()
-        saved = self.committer.wait()
-        if saved is not None:
-            self.log(f"saved checkpoint {CHECKPOINTS_DIR}/{Path(saved).name}")
+        save, self._in_flight = self._in_flight, None
+        if save is None:
+            return
+        error: BaseException | None = None
+        saved = None
+        try:
+            if self.env.is_main:
+                saved = self.committer.wait()  # its commit waited for the shards' future first
+            else:
+                save.future.result()
+        except Exception as err:  # noqa: BLE001
+            error = err
+        if self._all_ranks(error is None):
+            if saved is not None:
+                self.log(f"saved checkpoint {CHECKPOINTS_DIR}/{Path(saved).name}")
+            return
+        error = error or RuntimeError("the save failed on another rank")
+        if save.host is None:  # DCP's own transient copy (DDP): the step's state is gone
+            raise save_failed(f"{CHECKPOINTS_DIR}/{save.name}", error, save.step, self.manager) from error
+        self._write_retrying(save, lambda tmp: save_model_optim(save.host, tmp, process_group=self.group), error)
+
+
+@dataclass
+class _Save:
+    """One save of one step, kept until every rank knows it is committed (a retry writes it again)."""
+
+    name: str
+    step: int
+    keep: frozenset[int]
+    record: tuple[dict[str, torch.Tensor], dict[str, Any]]
+    future: Future | None = None  # this rank's background DCP write
+    host: dict[str, Any] | None = None  # this rank's host copy of the shards (None: DCP's own copy)
