@@ -238,11 +238,12 @@ class SaveFailed(RuntimeError):
     """A checkpoint could not be written, also on the retry; the message names it and the cause."""
 
 
-def save_failed(name: str, err: BaseException, step: int, manager: CheckpointManager) -> SaveFailed:
-    """The error that stops a run whose save of checkpoint `name` failed twice (the second time: `err`)."""
+def save_failed(name: str, err: BaseException, step: int, manager: CheckpointManager,
+                failed: str = "failed twice") -> SaveFailed:
+    """The error that stops a run whose save of checkpoint `name` `failed` (the last time with `err`)."""
     latest = manager.read_latest()
     return SaveFailed(
-        f"saving checkpoint {name} failed twice: {save_error_cause(err)}. Training stopped at step {step}; "
+        f"saving checkpoint {name} {failed}: {save_error_cause(err)}. Training stopped at step {step}; "
         f"{CHECKPOINTS_DIR}/{LATEST_FILE} still names {latest or 'no checkpoint'}. Fix the cause (e.g. free "
         f"disk space in {manager.root}) and run the same command again to continue from there")
 

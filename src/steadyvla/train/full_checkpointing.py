@@ -207,7 +207,8 @@ class FullCheckpointer:
             return
         error = error or RuntimeError("the save failed on another rank")
         if save.host is None:  # DCP's own transient copy (DDP): the step's state is gone
-            raise save_failed(f"{CHECKPOINTS_DIR}/{save.name}", error, save.step, self.manager) from error
+            raise save_failed(f"{CHECKPOINTS_DIR}/{save.name}", error, save.step, self.manager,
+                              "failed (not retried: async saves under DDP keep no host copy to write again)") from error
         self._write_retrying(save, lambda tmp: save_model_optim(save.host, tmp, process_group=self.group), error)
 
 
