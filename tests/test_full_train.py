@@ -290,3 +290,13 @@ def test_save_failing_twice_stops_the_run_with_one_error_line(synthetic_root, tm
     latest = (run_dir / CHECKPOINTS_DIR / "latest").read_text().strip()
     assert latest == checkpoint_at(run_dir, 2).name and f"still names {latest}" in errors[0]
     assert not list((run_dir / CHECKPOINTS_DIR).glob("step-000004*"))
+
+
+def test_failed_async_save_under_ddp_stops_at_once_saying_why(synthetic_root, tmp_path):
+    values = values_for(synthetic_root, tmp_path / "runs", strategy="ddp", max_steps=6)
+    failed = train_run(2, values, {FAULT_ENV: "mid_save@4:enospc-once"})
+    assert failed.returncode != 0
+    assert "failed (not retried: async saves under DDP keep no host copy to write again): OSError: [Errno 28]" \
+        in failed.stderr, failed.stderr[-3000:]
+    run_dir = run_dir_for(build_config(values))
+    assert (run_dir / CHECKPOINTS_DIR / "latest").read_text().strip() == checkpoint_at(run_dir, 2).name
