@@ -243,7 +243,8 @@ def profile_table(one_step: Callable[[], None], device: torch.device, steps: int
         sync(device)
         wall_s = time.perf_counter() - started
     averages = prof.key_averages()
-    # the footer's self device total over this wall time: how busy the device was (1.0: never waits for the host)
+    # the wall time the table's totals are spent in (with compiled graphs the footer's device total also
+    # counts the kernels inside each graph's range, so it overstates how busy the device was)
     header = f"profiled wall time: {wall_s:.4f} s for {steps} steps ({wall_s / steps:.4f} s/step)\n"
     keys = ["self_cuda_time_total", "self_device_time_total"] if device.type == "cuda" else ["self_cpu_time_total"]
     for key in keys:
