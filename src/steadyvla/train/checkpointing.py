@@ -337,4 +337,5 @@ class TrainerCheckpointer:
 
 
 def save_error_cause(err: BaseException) -> str:
+    """`Type: message` of a save's error, for the one-line messages."""
     return f"{type(err).__name__}: {err}"

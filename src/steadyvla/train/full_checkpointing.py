@@ -12,8 +12,8 @@ they are done. The training stream waits for the copies only before the optimize
 weights (`before_update`, on the device).
 
 A save that fails on any rank (a shard, or rank 0's commit) is written once more, by every rank at
-the same step boundary (the ranks agree on each in-flight save's outcome through its gloo group);
-an async save is written again from the same host copies, so the retried checkpoint holds the
+the same step boundary (the ranks agree on each in-flight save's outcome on a gloo group of their
+own); an async save is written again from the same host copies, so the retried checkpoint holds the
 step it was taken at. A second failure stops the run with `SaveFailed` on every rank, `latest`
 still naming the previous complete checkpoint. Without reserved host copies (async saves under
 DDP: DCP's own transient copy) there is nothing to write again: the first failure stops the run.
