@@ -11,7 +11,7 @@ import copy
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, TypeVar
 
 import torch
 from peft import PeftModel, get_peft_model_state_dict, set_peft_model_state_dict
@@ -234,6 +234,9 @@ def _nothing() -> None:
     pass
 
 
+T = TypeVar("T")
+
+
 class SaveFailed(RuntimeError):
     """A checkpoint could not be written, also on the retry; the message names it and the cause."""
 
@@ -323,17 +326,24 @@ class TrainerCheckpointer:
         return self.manager.save(snapshot.step, lambda d: write_snapshot(snapshot, d), keep_steps=snapshot.keep_steps)
 
     def _write_retrying(self, snapshot: Snapshot, error: Exception | None = None) -> Path:
-        name = f"{CHECKPOINTS_DIR}/{step_dir_name(snapshot.step)}"
-        if error is None:
-            try:
-                return self._write(snapshot)
-            except Exception as err:  # noqa: BLE001
-                error = err
-        self.log(f"saving checkpoint {name} failed ({save_error_cause(error)}); retrying once")
+        return write_with_one_retry(lambda: self._write(snapshot), f"{CHECKPOINTS_DIR}/{step_dir_name(snapshot.step)}",
+                                    snapshot.step, self.manager, self.log, error)
+
+
+def write_with_one_retry(write: Callable[[], T], name: str, step: int, manager: CheckpointManager,
+                         log: Callable[[str], None], error: BaseException | None = None) -> T:
+    """`write()` the save of checkpoint `name`; if it raises (or already failed with `error`), say so
+    and write once more; a second failure raises SaveFailed (see `save_failed`)."""
+    if error is None:
         try:
-            return self._write(snapshot)
-        except Exception as err:  # noqa: BLE001
-            raise save_failed(name, err, snapshot.step, self.manager) from err
+            return write()
+        except Exception as err:  # noqa: BLE001 - any failure of the write is retried, then reported
+            error = err
+    log(f"saving checkpoint {name} failed ({save_error_cause(error)}); retrying once")
+    try:
+        return write()
+    except Exception as err:  # noqa: BLE001
+        raise save_failed(name, err, step, manager) from err
 
 
 def save_error_cause(err: BaseException) -> str:

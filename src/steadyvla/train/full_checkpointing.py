@@ -42,7 +42,7 @@ from steadyvla.config import RunConfig
 from steadyvla.distributed import DistEnv, gather_to_all
 from steadyvla.faults import fault_point
 from steadyvla.train.checkpointing import (
-    TrainState, protected_steps, restore_trainer_record, save_error_cause, save_failed, trainer_record,
+    TrainState, protected_steps, restore_trainer_record, save_failed, trainer_record, write_with_one_retry,
 )
 
 CHECKPOINT_KIND = "full"  # trainer_state.json `kind` of full-training checkpoints
@@ -139,19 +139,11 @@ class FullCheckpointer:
         """Write `save` now (every rank), once more if that fails on any rank; `error`: the first
         attempt already failed (in the background) with it. Raises SaveFailed on every rank after two
         failures."""
-        if error is None:
-            error = self._attempt(save, write_shards)
-            if error is None:
-                return
-        where = f"{CHECKPOINTS_DIR}/{save.name}"
-        self.log(f"saving checkpoint {where} failed ({save_error_cause(error)}); retrying once")
-        error = self._attempt(save, write_shards)
-        if error is not None:
-            raise save_failed(where, error, save.step, self.manager) from error
+        write_with_one_retry(lambda: self._attempt(save, write_shards), f"{CHECKPOINTS_DIR}/{save.name}", save.step,
+                             self.manager, self.log, error)
 
-    def _attempt(self, save: "_Save", write_shards: Callable[[Path], None]) -> BaseException | None:
-        """One write of `save`: None when every rank succeeded, else this rank's error (or a stand-in
-        when another rank failed)."""
+    def _attempt(self, save: "_Save", write_shards: Callable[[Path], None]) -> None:
+        """One write of `save` by every rank; raises on every rank if it failed on any."""
         error: BaseException | None = None
         saved = None
         try:
@@ -159,13 +151,19 @@ class FullCheckpointer:
             write_shards(tmp)
             if self.env.is_main:
                 saved = self._commit(save, tmp)
-        except Exception as err:  # noqa: BLE001 - every failure is agreed on, retried, then reported
+        except Exception as err:  # noqa: BLE001 - every failure is agreed on, then raised on every rank
             error = err
-        if not self._all_ranks(error is None):
-            return error or RuntimeError("the save failed on another rank")
+        error = self._agreed_error(error)
+        if error is not None:
+            raise error
         if saved is not None:
             self.log(f"saved checkpoint {CHECKPOINTS_DIR}/{saved.name}")
-        return None
+
+    def _agreed_error(self, error: BaseException | None) -> BaseException | None:
+        """None on every rank if no rank had an error, else this rank's `error` (or a stand-in) on every rank."""
+        if self._all_ranks(error is None):
+            return None
+        return error or RuntimeError("the save failed on another rank")
 
     def _all_ranks(self, flag: bool) -> bool:
         """True on every rank if `flag` is true on every rank (a host-side collective: no device sync)."""
@@ -201,11 +199,11 @@ class FullCheckpointer:
                 save.future.result()
         except Exception as err:  # noqa: BLE001
             error = err
-        if self._all_ranks(error is None):
+        error = self._agreed_error(error)
+        if error is None:
             if saved is not None:
                 self.log(f"saved checkpoint {CHECKPOINTS_DIR}/{Path(saved).name}")
             return
-        error = error or RuntimeError("the save failed on another rank")
         if save.host is None:  # DCP's own transient copy (DDP): the step's state is gone
             raise save_failed(f"{CHECKPOINTS_DIR}/{save.name}", error, save.step, self.manager,
                               "failed (not retried: async saves under DDP keep no host copy to write again)") from error
