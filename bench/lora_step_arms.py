@@ -26,7 +26,7 @@ import itertools
 import re
 import statistics
 import time
-from typing import Any, Callable
+from typing import Callable
 
 import torch
 from torch import nn
@@ -37,9 +37,10 @@ from steadyvla.model.action_tokenizer import ActionTokenizer
 from steadyvla.model.prompt import IGNORE_INDEX, PromptBuilder
 from steadyvla.train.checkpointing import TrainState
 from steadyvla.train.fast_paths import apply_fast_paths, compile_blocks, fused_enabled
-from steadyvla.train.metrics import read_metrics_values
+from steadyvla.train.metrics import MetricsInFlight
 from steadyvla.train.optim import build_optimizer, build_scheduler
-from steadyvla.train.step import accumulate_gradients, apply_update, finish_step
+from steadyvla.train.prefetch import prefetched
+from steadyvla.train.step import MODEL_INPUTS, accumulate_gradients, apply_update, finish_step
 
 INSTRUCTIONS = ["pick up the red block and put it in the bowl", "open the top drawer", "push the puck to the goal",
                 "press the button on the left of the table"]
@@ -170,7 +171,7 @@ def run_steadyvla_step(model: nn.Module, cfg: RunConfig, batch: dict[str, torch.
                        action_tokenizer: ActionTokenizer, *, warmup: int, steps: int,
                        profile: Callable | None = None) -> tuple[list[float], float]:
     """steadyvla's loop body (train/step.py) on the fixed batch with `cfg`'s fast-path keys: pinned
-    batch copied non_blocking, metrics as device tensors read one step later (as the loop writes
+    batch copied ahead on a side stream, metrics as device tensors read one step later (as the loop writes
     its metrics lines), clipping, AdamW, scheduler. Returns (per-step seconds, first-step seconds)."""
     from steadyvla.distributed import DistEnv
 
@@ -179,23 +180,23 @@ def run_steadyvla_step(model: nn.Module, cfg: RunConfig, batch: dict[str, torch.
     state = TrainState(model, optimizer, build_scheduler(optimizer, cfg), DataPosition())
     sampler = ResumableBatchSampler(10_000, batch["input_ids"].shape[0], seed=0)
     pinned = {k: (v.pin_memory() if device.type == "cuda" else v) for k, v in batch.items()}
-    batches = itertools.repeat(pinned)
+    batches = prefetched(itertools.repeat(pinned), device, MODEL_INPUTS)  # as the loop does
     env = DistEnv(device=device)
     trainable = [p for p in model.parameters() if p.requires_grad]
-    pending: list[dict[str, Any]] = []
+    pending: list[MetricsInFlight] = []
 
     def one_step() -> None:
         metrics = accumulate_gradients(cfg, state, batches, sampler, action_tokenizer, env, model)
         lr = apply_update(cfg, state, trainable, foreach_clip=fused_enabled(cfg, device))
         finish_step(state)
         if pending:
-            read_metrics_values(pending.pop())
-        pending.append({**metrics, "lr": lr})
+            pending.pop().values()
+        pending.append(MetricsInFlight({**metrics, "lr": lr}))
 
     try:
         times, first = _timed(one_step, device, warmup, steps, profile)
         if pending:
-            read_metrics_values(pending.pop())
+            pending.pop().values()
         return times, first
     finally:
         del optimizer, state
@@ -230,9 +231,16 @@ def _timed(one_step: Callable[[], None], device: torch.device, warmup: int, step
 
 
 
-def profile_table(one_step: Callable[[], None], device: torch.device, steps: int = 3, rows: int = 25) -> str:
-    """torch.profiler over `steps` steps: the top ops by self device time (CPU time on CPU)."""
+def profile_table(one_step: Callable[[], None], device: torch.device, steps: int = 3,
+                  rows: int = 25) -> tuple[str, dict]:
+    """torch.profiler over `steps` steps: the top ops by self device time (CPU time on CPU), followed
+    on CUDA by the device timeline (bench/timeline.py: busy share, time per kernel kind, idle gaps).
+    Returns the printable text and the timeline summary."""
+    import tempfile
+
     from torch.profiler import ProfilerActivity, profile
+
+    from timeline import analyse_trace, format_timeline
 
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
     with profile(activities=activities) as prof:
@@ -246,10 +254,19 @@ def profile_table(one_step: Callable[[], None], device: torch.device, steps: int
     # the wall time the table's totals are spent in (with compiled graphs the footer's device total also
     # counts the kernels inside each graph's range, so it overstates how busy the device was)
     header = f"profiled wall time: {wall_s:.4f} s for {steps} steps ({wall_s / steps:.4f} s/step)\n"
+    table = averages.table(row_limit=rows)
     keys = ["self_cuda_time_total", "self_device_time_total"] if device.type == "cuda" else ["self_cpu_time_total"]
     for key in keys:
         try:
-            return header + averages.table(sort_by=key, row_limit=rows, max_name_column_width=60)
+            table = averages.table(sort_by=key, row_limit=rows, max_name_column_width=60)
+            break
         except (AttributeError, KeyError, ValueError):
             continue
-    return header + averages.table(row_limit=rows)
+    timeline: dict = {}
+    if device.type == "cuda":
+        with tempfile.TemporaryDirectory() as tmp:
+            trace = f"{tmp}/trace.json"
+            prof.export_chrome_trace(trace)
+            timeline = analyse_trace(trace, wall_s, steps)
+        table += "\n" + format_timeline(timeline)
+    return header + table, timeline

@@ -173,8 +173,9 @@ class Bench:
             return None
 
         def profile(one_step) -> None:
-            table = profile_table(one_step, self.device)
+            table, timeline = profile_table(one_step, self.device)
             self.out["profiles"][name] = table
+            self.out.setdefault("timelines", {})[name] = timeline
             print(f"[bench] profile of {name} (3 steps, top ops by self device time):\n{table}", flush=True)
 
         return profile

@@ -96,3 +96,26 @@ def test_periodic_eval_on_the_fsdp_sharded_model_trains_bitwise_the_same(synthet
     assert [{k: v for k, v in r.items() if not k.startswith("eval_")} for r in rows] == metrics_lines(runs["off"])
     on, off = dcp_tensors(checkpoint_at(runs["on"], 4)), dcp_tensors(checkpoint_at(runs["off"], 4))
     assert on.keys() == off.keys() and all(torch.equal(on[k], off[k]) for k in on)
+
+
+def _checksum(pixels: torch.Tensor) -> torch.Tensor:
+    """Long work on the compute stream (while the side stream copies the next batch)."""
+    return (pixels.double() @ torch.ones(224, 224, device=pixels.device, dtype=torch.float64)).sum()
+
+
+def test_prefetched_batches_arrive_on_the_gpu_equal_to_the_loaders_and_survive_the_next_copy():
+    from steadyvla.train.prefetch import prefetched
+
+    device = torch.device("cuda")
+    g = torch.Generator().manual_seed(0)
+    source = [{"pixel_values": torch.randn(16, 6, 224, 224, generator=g).pin_memory(),
+               "input_ids": torch.randint(0, 32000, (16, 40), generator=g).pin_memory(), "name": f"b{i}"}
+              for i in range(5)]
+    seen = []
+    for batch in prefetched(iter(source), device, ("pixel_values", "input_ids")):
+        assert batch["pixel_values"].device.type == "cuda" and batch["name"] == f"b{len(seen)}"
+        seen.append((batch["pixel_values"].cpu(), batch["input_ids"].cpu(), _checksum(batch["pixel_values"])))
+    assert len(seen) == len(source)
+    for (pixels, ids, checksum), want in zip(seen, source):
+        assert torch.equal(pixels, want["pixel_values"]) and torch.equal(ids, want["input_ids"])
+        assert checksum.item() == _checksum(want["pixel_values"].to(device)).item()

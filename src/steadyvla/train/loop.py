@@ -5,9 +5,10 @@ AdamW step, scheduler step, one metrics record; a checkpoint every `save_steps` 
 at the last step, when a preemption signal arrived, and where a hook asks for one (periodic eval
 steps). A hook that asks to stop (early stopping) ends the run after a checkpoint of that step.
 
-The host never waits for the device inside a step: a step's metrics stay device tensors and its
-metrics.jsonl line is written while the next step runs (or before a save, so every checkpoint's
-step has its line on disk). `step_time_s` is the wall time from the start of a step to the start
+The host never waits for the device inside a step: a step's metrics stay device tensors, their
+copy to the host is queued right behind the step's kernels, and its metrics.jsonl line is written
+while the next step runs (or before a save, so every checkpoint's step has its line on disk); the
+next batch's copy to the GPU runs on a side stream during the step before it (train/prefetch.py). `step_time_s` is the wall time from the start of a step to the start
 of the next one, which the device's pace sets once the host runs one step ahead.
 """
 
@@ -15,7 +16,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
-from typing import Any, Callable, Iterator
+from typing import Callable, Iterator
 
 import torch
 from tqdm import tqdm
@@ -29,8 +30,9 @@ from steadyvla.model.action_tokenizer import ActionTokenizer
 from steadyvla.parallel import gradient_sync
 from steadyvla.train.checkpointing import TrainerCheckpointer, TrainState
 from steadyvla.train.fast_paths import fused_enabled
-from steadyvla.train.metrics import CKPT_BLOCKING_S, DATA_WAIT_S, STEP_TIME_S, MetricsLogger, read_metrics_values
+from steadyvla.train.metrics import CKPT_BLOCKING_S, DATA_WAIT_S, STEP_TIME_S, MetricsInFlight, MetricsLogger
 from steadyvla.train.oom import StepStart, stop_after_oom
+from steadyvla.train.prefetch import prefetched
 from steadyvla.train.signals import PreemptionFlag
 from steadyvla.train.step import MODEL_INPUTS, accumulate_gradients, apply_update, finish_step  # noqa: F401
 
@@ -53,7 +55,7 @@ class _PendingLine:
     """A logged step whose metrics.jsonl line waits until its device values are ready."""
 
     step: int
-    metrics: dict[str, Any]  # device tensors and floats
+    metrics: MetricsInFlight  # its device values already on their way to the host
     started: float  # perf_counter at the start of the step
     ckpt_blocking_s: float | None  # of the save before this step, if any
     data_wait_s: float  # the host's wait for this step's batches
@@ -72,7 +74,7 @@ class _LineWriter:
         line, self.pending = self.pending, None
         if line is None:
             return
-        values = read_metrics_values(line.metrics)
+        values = line.metrics.values()
         ended = next_started if next_started is not None else time.perf_counter()
         record = {**values, **memory_metrics(self.env.device), STEP_TIME_S: ended - line.started,
                   DATA_WAIT_S: line.data_wait_s}
@@ -129,7 +131,8 @@ def run_loop(
     bar = tqdm(total=cfg.max_steps, initial=state.global_step, disable=not (cfg.progress_bar and env.is_main),
                desc="finetune", dynamic_ncols=True)
     lines = _LineWriter(logger, bar, env)
-    batches = _TimedBatches(batches)
+    timed = _TimedBatches(batches)
+    batches = prefetched(timed, env.device, MODEL_INPUTS)  # the next batch copied during this step
     checkpointer.before_commit = logger.sync  # metrics lines durable before each checkpoint commits
     ckpt_blocking_s: float | None = None
     try:
@@ -144,7 +147,7 @@ def run_loop(
 
             try:
                 metrics = accumulate_gradients(cfg, state, batches, sampler, action_tokenizer, env, train_model)
-                data_wait_s = batches.take()
+                data_wait_s = timed.take()
                 checkpointer.before_update()  # the last save's copies must finish before the update
                 lr = apply_update(cfg, state, trainable, foreach_clip=foreach_clip, starting_update=mark_updating)
             except torch.OutOfMemoryError as err:
@@ -165,7 +168,8 @@ def run_loop(
             last = state.global_step == cfg.max_steps
             lines.write_pending(next_started=started)  # the previous step's line, while this step runs
             if boundary or state.global_step % cfg.log_every_steps == 0 or last:
-                lines.pending = _PendingLine(state.global_step, metrics, started, ckpt_blocking_s, data_wait_s)
+                lines.pending = _PendingLine(state.global_step, MetricsInFlight(metrics), started, ckpt_blocking_s,
+                                             data_wait_s)
                 ckpt_blocking_s = None
             bar.update(1)
             checkpointer.check()  # a failed background save surfaces (and is retried) here

@@ -52,14 +52,43 @@ def _as_float64(value: torch.Tensor | float) -> torch.Tensor | float:
     return value.double() if isinstance(value, torch.Tensor) else value
 
 
+class MetricsInFlight:
+    """A metrics dict's device values on their way to the host. The copy is queued now, right behind
+    the kernels that compute the values, into pinned memory; `values()` then waits for that copy
+    only. Reading them with `.tolist()` a step later would instead queue the copy behind everything
+    launched since (the whole next step), and the host would stall until the device is idle, leaving
+    the device idle while the host prepares the step after."""
+
+    def __init__(self, metrics: dict[str, torch.Tensor | float]):
+        self.keys = list(metrics)
+        self.tensor_keys = [k for k, v in metrics.items() if isinstance(v, torch.Tensor)]
+        self.floats = {k: float(v) for k, v in metrics.items() if k not in self.tensor_keys}
+        self.host: torch.Tensor | None = None
+        self.copied: torch.cuda.Event | None = None
+        if not self.tensor_keys:
+            return
+        stacked = torch.stack([metrics[k].detach().double().reshape(()) for k in self.tensor_keys])
+        if stacked.device.type != "cuda":
+            self.host = stacked
+            return
+        self.host = torch.empty(stacked.shape, dtype=stacked.dtype, pin_memory=True)
+        self.host.copy_(stacked, non_blocking=True)
+        self.copied = torch.cuda.Event()
+        self.copied.record(torch.cuda.current_stream(stacked.device))
+
+    def values(self) -> dict[str, float]:
+        """The Python floats, in the metrics dict's key order (waits for the copy if it is still on its way)."""
+        if self.copied is not None:
+            self.copied.synchronize()
+        out = dict(self.floats)
+        if self.host is not None:
+            out.update(zip(self.tensor_keys, self.host.tolist()))
+        return {k: out[k] for k in self.keys}
+
+
 def read_metrics_values(metrics: dict[str, torch.Tensor | float]) -> dict[str, float]:
     """Python floats of a metrics dict whose values may be device tensors: one transfer for all."""
-    tensors = [k for k, v in metrics.items() if isinstance(v, torch.Tensor)]
-    out = {k: float(v) for k, v in metrics.items() if k not in tensors}
-    if tensors:
-        values = torch.stack([metrics[k].detach().double().reshape(()) for k in tensors]).tolist()
-        out.update(zip(tensors, values))
-    return {k: out[k] for k in metrics}
+    return MetricsInFlight(metrics).values()
 
 
 def read_metrics(path: Path) -> list[dict[str, Any]]:
