@@ -17,7 +17,8 @@ the JSON is rewritten after every arm):
   finetune_e2e_no_cudagraphs   finetune_e2e with `compile_mode: default`
 
 `--profile` (default on) adds 3 profiled steps to ref_eager and step_fast and prints the top ops
-by self device time (torch.profiler key_averages); the tables also go into the JSON.
+by self device time (torch.profiler key_averages) and, on CUDA, the device timeline
+(bench/timeline.py: busy share, kernel time by kind, idle gaps); both also go into the JSON.
 All fixed-batch arms share one base model (LoRA is attached and removed per arm). FLOPs and MFU:
 see bench/lora_step_arms.py. GPU (one call; the default budget keeps it under 8 minutes):
 
