@@ -54,3 +54,16 @@ def test_two_rank_run_killed_mid_save_resumes_bit_exact_and_can_shrink_to_one_ra
     assert [r["step"] for r in metrics_lines(run_dir)] == list(range(1, 9))
     last_start = json.loads((run_dir / STARTS_JSONL).read_text().splitlines()[-1])
     assert last_start["changed_fields"]["world_size"] == {"checkpoint": 2, "now": 1}
+
+
+def test_ranks_agree_on_flags_on_a_gloo_group_of_their_own(tmp_path):
+    """The per-step preemption flag and the saves' outcomes are agreed on the host (a gloo group):
+    under NCCL, a flag read back from a GPU tensor would wait for every queued kernel each step."""
+    import torch.multiprocessing as mp
+
+    from dist_workers import agreement_worker
+
+    mp.spawn(agreement_worker, args=(str(tmp_path / "init"), str(tmp_path)), nprocs=2, join=True)
+    for rank in (0, 1):
+        got = json.loads((tmp_path / f"rank{rank}.json").read_text())
+        assert got == {"any": [True, False], "all": [False, True], "own_group": True, "one_group": True}, (rank, got)

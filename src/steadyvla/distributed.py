@@ -18,6 +18,9 @@ import torch
 import torch.distributed as dist
 
 
+_control: tuple[Any, Any] | None = None  # (the default group it was made for, its gloo control group)
+
+
 @dataclass(frozen=True)
 class DistEnv:
     """This process's place in the job."""
@@ -67,6 +70,10 @@ def one_rank_group(env: DistEnv) -> Iterator[None]:
 
 
 def shutdown(env: DistEnv) -> None:
+    """Destroy the process groups (the control group too: a gloo group still referenced at
+    interpreter exit aborts the process from its threads' destructors)."""
+    global _control
+    _control = None
     if env.distributed and dist.is_initialized():
         dist.destroy_process_group()
 
@@ -104,13 +111,34 @@ def mean_across_ranks(values: dict[str, Any], env: DistEnv) -> dict[str, Any]:
     return {k: t[i] for i, k in enumerate(keys)}
 
 
-def any_rank(flag: bool, env: DistEnv) -> bool:
-    """True on every rank if it is true on any rank (e.g. a preemption signal seen by one)."""
+def control_group() -> Any:
+    """A gloo group over every rank for host-side agreement (a preemption flag, a save's outcome),
+    created on first use (every rank reaches that use at the same point of the loop). Under NCCL a
+    flag agreed on a GPU tensor and read with `.item()` waits for every kernel queued before it, so
+    the host could never run ahead of the device; gloo's collective runs on host memory only."""
+    global _control
+    world = dist.group.WORLD
+    if _control is None or _control[0] is not world:
+        _control = (world, dist.new_group(backend="gloo"))
+    return _control[1]
+
+
+def _agree(flag: bool, env: DistEnv, op: Any) -> bool:
     if not env.distributed:
         return flag
-    t = torch.tensor([1 if flag else 0], device=_comm_device(env))
-    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    t = torch.tensor([1 if flag else 0])
+    dist.all_reduce(t, op=op, group=control_group())
     return bool(t.item())
+
+
+def any_rank(flag: bool, env: DistEnv) -> bool:
+    """True on every rank if it is true on any rank (e.g. a preemption signal seen by one)."""
+    return _agree(flag, env, dist.ReduceOp.MAX)
+
+
+def all_ranks(flag: bool, env: DistEnv) -> bool:
+    """True on every rank if it is true on every rank (e.g. every rank's part of a save finished)."""
+    return _agree(flag, env, dist.ReduceOp.MIN)
 
 
 def gather_to_all(obj: Any, env: DistEnv) -> list[Any]:

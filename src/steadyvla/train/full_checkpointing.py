@@ -39,7 +39,7 @@ from steadyvla.checkpoint.dcp_staging import HostStaging
 from steadyvla.checkpoint.layout import CHECKPOINTS_DIR, TRAINER_STATE_JSON, TRAINER_STATE_TENSORS, step_dir_name
 from steadyvla.checkpoint.manager import CheckpointManager
 from steadyvla.config import RunConfig
-from steadyvla.distributed import DistEnv, gather_to_all
+from steadyvla.distributed import DistEnv, all_ranks, gather_to_all
 from steadyvla.faults import fault_point
 from steadyvla.train.checkpointing import (
     TrainState, protected_steps, restore_trainer_record, save_failed, trainer_record, write_with_one_retry,
@@ -74,9 +74,9 @@ class FullCheckpointer:
                                          save_latest_only=cfg.save_latest_checkpoint_only, log=log)
         # background DCP writes run their collectives on a group of their own (gloo: CPU staging)
         self.group = dist.new_group(backend="gloo") if env.distributed and cfg.async_save else None
-        # the ranks' agreement on a save's outcome: from the training thread, while the background
-        # write may be using `group` (one group's collectives must come in one order on every rank)
-        self.control = dist.new_group(backend="gloo") if env.distributed else None
+        # the ranks agree on a save's outcome on `control_group()` (distributed.py), from the training
+        # thread, while the background write may be using `group` (one group's collectives must come
+        # in one order on every rank)
         self.committer = AsyncCheckpointWriter(name="steadyvla-full-commit")  # rank 0: wait shards, commit
         self._in_flight: _Save | None = None  # the background save until every rank has finished it
         self._copies = None  # this rank's host copies in flight
@@ -167,11 +167,7 @@ class FullCheckpointer:
 
     def _all_ranks(self, flag: bool) -> bool:
         """True on every rank if `flag` is true on every rank (a host-side collective: no device sync)."""
-        if self.control is None:
-            return flag
-        t = torch.tensor([1 if flag else 0])
-        dist.all_reduce(t, op=dist.ReduceOp.MIN, group=self.control)
-        return bool(t.item())
+        return all_ranks(flag, self.env)
 
     def check(self) -> None:
         """At a step boundary: collect the background save once every rank's part of it finished
