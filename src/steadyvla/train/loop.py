@@ -8,8 +8,9 @@ steps). A hook that asks to stop (early stopping) ends the run after a checkpoin
 The host never waits for the device inside a step: a step's metrics stay device tensors, their
 copy to the host is queued right behind the step's kernels, and its metrics.jsonl line is written
 while the next step runs (or before a save, so every checkpoint's step has its line on disk); the
-next batch's copy to the GPU runs on a side stream during the step before it (train/prefetch.py). `step_time_s` is the wall time from the start of a step to the start
-of the next one, which the device's pace sets once the host runs one step ahead.
+next batch's copy to the GPU runs on a side stream during the step before it (train/prefetch.py).
+`step_time_s` is the wall time from the start of a step to the start of the next one, which the
+device's pace sets once the host runs one step ahead.
 """
 
 from __future__ import annotations
