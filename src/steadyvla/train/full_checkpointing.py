@@ -161,13 +161,9 @@ class FullCheckpointer:
 
     def _agreed_error(self, error: BaseException | None) -> BaseException | None:
         """None on every rank if no rank had an error, else this rank's `error` (or a stand-in) on every rank."""
-        if self._all_ranks(error is None):
+        if all_ranks(error is None, self.env):
             return None
         return error or RuntimeError("the save failed on another rank")
-
-    def _all_ranks(self, flag: bool) -> bool:
-        """True on every rank if `flag` is true on every rank (a host-side collective: no device sync)."""
-        return all_ranks(flag, self.env)
 
     def check(self) -> None:
         """At a step boundary: collect the background save once every rank's part of it finished
@@ -176,7 +172,7 @@ class FullCheckpointer:
         if save is None:
             return
         done = self.committer.finished if self.env.is_main else save.future.done()
-        if self._all_ranks(done):
+        if all_ranks(done, self.env):
             self.wait()
 
     def wait(self) -> None:

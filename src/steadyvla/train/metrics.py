@@ -30,7 +30,7 @@ def action_metrics(output: VLAOutput, action_tokenizer: ActionTokenizer) -> dict
     """`train_loss`, `action_accuracy` (argmax == label on action positions), `l1_loss`
     (L1 between decoded bin centers of prediction and label), as 0-dim float32 tensors on the
     model's device: computed without boolean indexing or `.item()`, so the step never waits for
-    the device; `read_metrics_values` reads them once per logged step."""
+    the device; `MetricsInFlight` copies them to the host once per logged step."""
     preds = output.logits.argmax(dim=-1)
     mask = action_tokenizer.is_action_token(output.labels)
     correct = (preds == output.labels) & mask
